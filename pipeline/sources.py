@@ -1,0 +1,56 @@
+"""Find the images under a folder or bucket prefix, in a stable order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+from pipeline.probe import has_image_extension
+from pipeline.storage import Location, locate
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    relpath: str  # relative to SRC, '/'-separated
+    path: str  # as the user would recognise it: SRC joined with relpath
+    fs_path: str  # what the filesystem object opens
+    size: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    root: Location
+    files: list[SourceFile]
+    ignored: int  # files without an image extension
+
+
+def list_images(src: str) -> Listing:
+    root = locate(src)
+    fs = root.fs
+    try:
+        is_dir = fs.isdir(root.path)
+    except Exception as exc:
+        raise UserError(f"cannot read source {src}: {exc}") from None
+    if not is_dir:
+        if fs.exists(root.path):
+            raise UserError(f"source {src} is a file; give the folder or prefix that holds the images")
+        raise UserError(f"source {src} does not exist")
+    found = fs.find(root.path, detail=True)
+    files: list[SourceFile] = []
+    ignored = 0
+    prefix = root.path.rstrip("/") + "/"
+    shown = src.rstrip("/")
+    for fs_path, info in found.items():
+        if info.get("type", "file") != "file" or not fs_path.startswith(prefix):
+            continue
+        rel = fs_path[len(prefix):]
+        if not has_image_extension(rel):
+            ignored += 1
+            continue
+        files.append(SourceFile(rel, f"{shown}/{rel}", fs_path, int(info.get("size") or 0)))
+    # Sort on the relative path's code points so every platform and backend agrees on the order.
+    files.sort(key=lambda f: f.relpath)
+    if not files:
+        what = "is empty" if ignored == 0 else f"holds no image ({ignored} other files)"
+        raise UserError(f"source {src} {what}; images are recognised by extension: jpg jpeg png webp bmp gif tif tiff")
+    return Listing(root, files, ignored)

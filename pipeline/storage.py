@@ -1,0 +1,133 @@
+"""fsspec helpers: one place that knows how local folders and object stores differ.
+
+Every write that others may read goes through `commit_*`: a local file is written under a
+temporary name and renamed; an object store makes an object visible only when its upload is
+complete, so one put is already atomic there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or object prefix, local or remote."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+    def child(self, *parts: str) -> "Location":
+        return Location(self.fs, self.join(*parts))
+
+    def url(self, path: str | None = None) -> str:
+        """The path as a user recognises it: a plain path locally, protocol://… remotely."""
+        p = self.path if path is None else path
+        return p if self.is_local else self.fs.unstrip_protocol(p)
+
+
+def locate(url: str, **storage_options: Any) -> Location:
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"cannot open {url!r}: {exc}") from None
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.abspath(path)
+    return Location(fs, path.rstrip("/") or "/")
+
+
+def ensure_writable(loc: Location) -> None:
+    """Create the folder and prove we can write there, before any real output exists."""
+    probe = loc.join(f".featpipe-write-test-{uuid.uuid4().hex}")
+    try:
+        loc.fs.makedirs(loc.path, exist_ok=True)
+        loc.fs.pipe_file(probe, b"")
+        loc.fs.rm_file(probe)
+    except Exception as exc:  # every backend raises its own type
+        raise UserError(f"cannot write to {loc.url()}: {exc}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(tmp: str) -> None:
+    """mkstemp makes 0600 files; published outputs get the permissions a plain open() would."""
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
+def commit_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            _publishable(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def commit_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    commit_bytes(fs, path, json_bytes(obj))
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def staging_file(fs: fsspec.AbstractFileSystem, final_path: str) -> str:
+    """A local temporary path to build a large file in before `commit_file` publishes it."""
+    folder = os.path.dirname(final_path) if isinstance(fs, LocalFileSystem) else None
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(final_path))
+    os.close(fd)
+    return tmp
+
+
+def commit_file(fs: fsspec.AbstractFileSystem, staged: str, final_path: str) -> None:
+    try:
+        if isinstance(fs, LocalFileSystem):
+            _publishable(staged)
+            os.replace(staged, final_path)
+        else:
+            fs.put_file(staged, final_path)
+    finally:
+        _remove_quietly(staged)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
