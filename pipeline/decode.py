@@ -13,13 +13,19 @@ from pipeline.probe import DEFAULT_MAX_PIXELS
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and load the first frame; raises on damaged or oversized data."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short_side: int | None = None) -> Image.Image:
+    """Open and load the first frame; raises on damaged or oversized data.
+
+    With `draft_short_side`, a JPEG at least twice that size is decoded by libjpeg-turbo at 1/2,
+    1/4 or 1/8 scale, never below it: most of the decode and resize work is skipped."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(io.BytesIO(data))
         if im.width * im.height > max_pixels:
             raise ValueError(f"{im.width}x{im.height} pixels, over the limit of {max_pixels}")
+        if draft_short_side and im.format == "JPEG" and min(im.size) >= 2 * draft_short_side:
+            scale = min(im.size) / draft_short_side
+            im.draft(im.mode, (int(im.width / scale) + 1, int(im.height / scale) + 1))
         im.seek(0)  # animated GIF / multi-page TIFF: the first frame
         im.load()
     return im

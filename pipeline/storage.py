@@ -56,10 +56,13 @@ def locate(url: str, **storage_options: Any) -> Location:
 def ensure_writable(loc: Location) -> None:
     """Create the folder and prove we can write there, before any real output exists."""
     probe = loc.join(f".featpipe-write-test-{uuid.uuid4().hex}")
+    created = loc.is_local and not os.path.isdir(loc.path)
     try:
         loc.fs.makedirs(loc.path, exist_ok=True)
         loc.fs.pipe_file(probe, b"")
         loc.fs.rm_file(probe)
+        if created:  # leave no trace until real output exists: a later check may still fail
+            os.rmdir(loc.path)
     except Exception as exc:  # every backend raises its own type
         raise UserError(f"cannot write to {loc.url()}: {exc}") from None
 

@@ -1,0 +1,49 @@
+"""torchrun integration: who am I, which device is mine, and the one barrier before consolidation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
+    """nccl on CUDA, gloo on CPU. The timeout bounds the final barrier, where fast ranks wait for
+    the slowest: it must cover a whole rank's share of the job, hence hours, not the defaults."""
+    if ctx.active and not tdist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active and tdist.is_initialized():
+        tdist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.active and tdist.is_initialized():
+        tdist.destroy_process_group()

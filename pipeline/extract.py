@@ -1,0 +1,258 @@
+"""`featpipe extract`: shards → batches → model on the device → one Parquet chunk per shard →
+fts.npy / fts.pth / img_list.json. Reruns resume; under torchrun each rank takes its slice."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline import dist
+from pipeline.consolidate import Consolidated, OutputNames, consolidate
+from pipeline.errors import EXIT_FAILURES, EXIT_OK, UserError
+from pipeline.model import ModelConfig, check as check_model, check_output, load_model
+from pipeline.runinfo import RUN_FILE, check_compatible, make_run, write_run
+from pipeline.shardlist import ShardRef, folder_as_shards, resolve_shards
+from pipeline.storage import Location, commit_json, ensure_writable, locate
+from pipeline.stream import ReadConfig, ShardStream
+from pipeline.transform import Normalizer, TransformConfig
+from pipeline.writer import CHUNKS, DONE, ShardRows, commit_shard, finished
+
+log = logging.getLogger("featpipe")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    shards: str
+    out: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    batch_size: int = 256
+    workers: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    overwrite: bool = False
+    names: OutputNames = field(default_factory=OutputNames)
+    progress: bool = True
+    folder_group_size: int | None = None  # set: SHARDS is a plain image folder, streamed directly
+    read: ReadConfig = field(default_factory=ReadConfig)
+    barrier_timeout_s: float = 6 * 3600
+    consolidate: bool = True
+
+
+@dataclass
+class ExtractResult:
+    stats: dict
+    exit_code: int
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested} but CUDA is not available here "
+                            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu to run on the CPU")
+        return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+
+
+def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain float32."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+
+
+def validate(cfg: ExtractConfig) -> None:
+    t = cfg.transform
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise UserError("--batch-size must be at least 1 and --workers at least 0")
+    if t.crop_size < 1 or t.resize_size < 1:
+        raise UserError("--resize-size and --crop-size must be positive")
+    if t.crop_size > t.resize_size:
+        raise UserError(f"--crop-size {t.crop_size} is larger than --resize-size {t.resize_size}")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    t_start = time.perf_counter()
+    validate(cfg)
+    ctx = dist.DistContext.from_env()
+    device = pick_device(cfg.device, ctx.local_rank)
+    amp = pick_precision(cfg.precision, device)
+    check_model(cfg.model)
+    shards = (folder_as_shards(cfg.shards, cfg.folder_group_size) if cfg.folder_group_size
+              else resolve_shards(cfg.shards))
+    out = locate(cfg.out)
+    ensure_writable(out)
+    model, dim = _prepare_model(cfg, device, amp)
+    precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    settings = {"model": cfg.model.fingerprint(), "transform": cfg.transform.fingerprint(), "precision": precision_name}
+    run = make_run(settings, shards)
+    if device.type == "cpu" and cfg.device == "auto":
+        log.warning("no CUDA device: running on the CPU")
+    log.info("model %s / %s (%d-dim) on %s, %s, %d shards%s", cfg.model.repo, cfg.model.name, dim, device,
+             precision_name, len(shards), f", rank {ctx.rank} of {ctx.world}" if ctx.active else "")
+    dist.init(ctx, device, cfg.barrier_timeout_s)
+    try:
+        _prepare_out(out, run, cfg, ctx)
+        # Split the full list first, then skip finished shards: every rank agrees on who does what.
+        mine = shards[ctx.rank::ctx.world]
+        done = finished(out)
+        todo = [s for s in mine if s.name not in done]
+        log.info("%d of this rank's %d shards to do (%d already finished)", len(todo), len(mine), len(mine) - len(todo))
+        timing = _embed(todo, model, cfg, device, amp, out, run.fingerprint, ctx)
+        dist.barrier(ctx)
+        result = None
+        if ctx.is_main and cfg.consolidate:
+            t0 = time.perf_counter()
+            result = consolidate(out, run, cfg.names)
+            timing["consolidate_s"] = time.perf_counter() - t0
+    finally:
+        dist.shutdown(ctx)
+    stats = _stats(cfg, device, precision_name, dim, timing, result, time.perf_counter() - t_start, ctx)
+    if ctx.is_main:
+        commit_json(out.fs, out.join("stats.json"), stats)
+    failed = result is not None and (result.errors > 0 or result.failed_shards)
+    # Under torchrun a non-zero rank status would make the launcher restart the job; failures are
+    # recorded in OUT and reported by the summary and `featpipe verify` instead.
+    return ExtractResult(stats, EXIT_FAILURES if failed and not ctx.active else EXIT_OK)
+
+
+def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None) -> tuple[torch.nn.Module, int]:
+    model = load_model(cfg.model).to(device)
+    probe = torch.zeros((2, 3, cfg.transform.crop_size, cfg.transform.crop_size), dtype=torch.uint8, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        try:
+            out = model(Normalizer(device)(probe))
+        except Exception as exc:
+            raise UserError(f"model {cfg.model.name} failed on a {tuple(probe.shape)} batch: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    check_output(out, 2)
+    return model, int(out.shape[1])
+
+
+def _prepare_out(out: Location, run, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
+    if ctx.is_main:
+        if cfg.overwrite:
+            _clear(out, cfg.names)
+        if not check_compatible(out, run):
+            write_run(out, run)
+    dist.barrier(ctx)
+    if not ctx.is_main:
+        check_compatible(out, run)
+
+
+def _clear(out: Location, names: OutputNames) -> None:
+    fs = out.fs
+    for p in (CHUNKS, DONE, RUN_FILE, "stats.json", names.numpy_features, names.torch_features, names.img_list,
+              names.errors):
+        if fs.exists(out.join(p)):
+            fs.rm(out.join(p), recursive=True)
+
+
+def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, device: torch.device,
+           amp: torch.dtype | None, out: Location, fingerprint: str, ctx: dist.DistContext) -> dict:
+    timing = {"wait_data_s": 0.0, "model_s": 0.0, "write_wait_s": 0.0, "images": 0, "shards": len(todo)}
+    if not todo:
+        return timing
+    workers = min(cfg.workers, len(todo))
+    loader = DataLoader(ShardStream(todo, cfg.transform, cfg.batch_size, cfg.read), batch_size=None,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None, worker_init_fn=_worker_init)
+    normalize = Normalizer(device)
+    total = sum(s.expected for s in todo) if all(s.expected is not None for s in todo) else None
+    bar = tqdm(total=total, unit="img", desc=f"extract[{ctx.rank}]" if ctx.active else "extract",
+               disable=not cfg.progress, dynamic_ncols=True)
+    pending: dict[str, ShardRows] = {}
+    writes: list[Future] = []
+    committed = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featpipe-writer") as writer:
+        t_wait = time.perf_counter()
+        for batch in loader:
+            t0 = time.perf_counter()
+            timing["wait_data_s"] += t0 - t_wait
+            rows = pending.setdefault(batch["shard"], ShardRows(batch["shard"]))
+            n = len(batch["keys"])
+            if n:
+                with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32,
+                                                            enabled=amp is not None):
+                    feats = model(normalize(batch["images"].to(device, non_blocking=True)))
+                check_output(feats, n)
+                rows.add(batch["keys"], batch["paths"], batch["indices"], feats.float().cpu().numpy())
+            t1 = time.perf_counter()
+            timing["model_s"] += t1 - t0
+            timing["images"] += n
+            bar.update(n + (len(batch["errors"]) if batch["end"] else 0))
+            if batch["end"]:
+                writes.append(writer.submit(commit_shard, out, pending.pop(batch["shard"]), batch, fingerprint))
+                committed += _drain(writes, keep=4)
+                _maybe_test_crash(ctx, committed)
+            timing["write_wait_s"] += time.perf_counter() - t1
+            t_wait = time.perf_counter()
+        t1 = time.perf_counter()
+        _drain(writes, keep=0)
+        timing["write_wait_s"] += time.perf_counter() - t1
+    bar.close()
+    return timing
+
+
+def _drain(writes: list[Future], keep: int) -> int:
+    """Wait for commits until at most `keep` are in flight; a failed write stops the run."""
+    done = 0
+    while writes and (len(writes) > keep or writes[0].done()):
+        writes.pop(0).result()
+        done += 1
+    return done
+
+
+def _worker_init(_: int) -> None:
+    # Each worker decodes one image at a time; more threads per worker only fight over the cores.
+    torch.set_num_threads(1)
+
+
+def _maybe_test_crash(ctx: dist.DistContext, committed: int) -> None:
+    """Test-only: FEATPIPE_TEST_CRASH_ONCE=FILE makes rank FEATPIPE_TEST_CRASH_RANK (default 0) die
+    after its first committed chunk, once (FILE remembers), to prove restarts redo only the rest."""
+    marker = os.environ.get("FEATPIPE_TEST_CRASH_ONCE")
+    if not marker or committed < 1 or ctx.rank != int(os.environ.get("FEATPIPE_TEST_CRASH_RANK", "0")):
+        return
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        log.error("test switch FEATPIPE_TEST_CRASH_ONCE: rank %d exits after its first chunk", ctx.rank)
+        os._exit(17)
+
+
+def _stats(cfg: ExtractConfig, device: torch.device, precision: str, dim: int, timing: dict,
+           result: Consolidated | None, seconds: float, ctx: dist.DistContext) -> dict:
+    stats = {"device": str(device), "precision": precision, "model": {"repo": cfg.model.repo, "name": cfg.model.name},
+             "dim": dim, "rank": ctx.rank, "world_size": ctx.world, "workers": cfg.workers,
+             "batch_size": cfg.batch_size, "seconds": round(seconds, 3),
+             "embedded_this_run": timing["images"], "shards_this_run": timing["shards"],
+             "images_per_s": round(timing["images"] / seconds, 2) if seconds else None,
+             "stage_seconds": {k: round(v, 3) for k, v in timing.items() if k.endswith("_s")}}
+    if result is not None:
+        stats.update(rows=result.rows, errors=result.errors, failed_shards=result.failed_shards)
+    return stats
+
+
+def summary(stats: dict, out: str, names: OutputNames) -> str:
+    if "rows" not in stats:
+        return f"rank {stats['rank']}: embedded {stats['embedded_this_run']} images; rank 0 consolidates"
+    failed = f", {len(stats['failed_shards'])} shards failed" if stats["failed_shards"] else ""
+    return (f"{stats['rows']} images embedded ({stats['dim']}-dim, {stats['device']}, {stats['precision']}), "
+            f"{stats['errors']} failed{failed}: {out}/{names.numpy_features}, {names.torch_features}, "
+            f"{names.img_list}; failures in {names.errors}; {stats['embedded_this_run']} new this run at "
+            f"{stats['images_per_s']} img/s")

@@ -1,0 +1,137 @@
+"""Load the embedding model: torch.hub from GitHub (cached in TORCH_HOME), a local hub directory,
+and optionally local weights. Offline failures become one actionable line."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+_GITHUB_REPO = re.compile(r"[\w.-]+/[\w.-]+(:[\w./-]+)?")
+LOCAL_HUB = Path(__file__).resolve().parent / "hub"
+_OFFLINE_HELP = ("offline options: --model-repo PATH to a local directory with a hubconf.py "
+                 f"(featpipe ships one: {LOCAL_HUB}), a TORCH_HOME that already caches the repo, "
+                 "or --weights FILE for the entry's architecture")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    repo: str = "facebookresearch/dinov2"
+    name: str = "dinov2_vits14"
+    weights: str | None = None
+
+    def fingerprint(self) -> dict:
+        weights = None
+        if self.weights:
+            st = os.stat(self.weights)
+            weights = {"file": os.path.basename(self.weights), "bytes": st.st_size}
+        return {"repo": self.repo, "name": self.name, "weights": weights}
+
+
+def is_local_repo(repo: str) -> bool:
+    return os.path.isdir(repo)
+
+
+def check(cfg: ModelConfig) -> None:
+    """Cheap checks that must fail before any output is written."""
+    if cfg.weights and not os.path.isfile(cfg.weights):
+        raise UserError(f"--weights file not found: {cfg.weights}")
+    if is_local_repo(cfg.repo):
+        if not os.path.isfile(os.path.join(cfg.repo, "hubconf.py")):
+            raise UserError(f"--model-repo {cfg.repo} is a directory without a hubconf.py")
+    elif cfg.repo.startswith((".", "/", "~")) or not _GITHUB_REPO.fullmatch(cfg.repo):
+        raise UserError(f"--model-repo {cfg.repo}: no such directory, and not a GitHub owner/repo[:ref]")
+
+
+def load_model(cfg: ModelConfig) -> torch.nn.Module:
+    check(cfg)
+    kwargs = {"pretrained": False} if cfg.weights else {}
+    try:
+        model = _hub_load(cfg, kwargs)
+    except TypeError as exc:
+        if not kwargs or "pretrained" not in str(exc):
+            raise UserError(f"model entry {cfg.name} in {cfg.repo} failed: {exc}") from None
+        model = _hub_load(cfg, {})  # an entry without a `pretrained` switch
+    if cfg.weights:
+        _load_weights(model, cfg.weights)
+    return model.eval()
+
+
+def _hub_load(cfg: ModelConfig, kwargs: dict) -> torch.nn.Module:
+    if is_local_repo(cfg.repo):
+        try:
+            return torch.hub.load(cfg.repo, cfg.name, source="local", **kwargs)
+        except RuntimeError as exc:
+            if "Cannot find callable" not in str(exc):
+                raise
+            raise UserError(f"no entry {cfg.name!r} in {cfg.repo}/hubconf.py; it has: "
+                            f"{', '.join(_local_entries(cfg.repo))}") from None
+    repo = _cached_ref(cfg.repo)
+    try:
+        return torch.hub.load(repo, cfg.name, source="github", trust_repo=True, skip_validation=True,
+                              verbose=False, **kwargs)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise UserError(f"cannot fetch {cfg.repo} / {cfg.name} from the network ({_reason(exc)}); "
+                        f"{_OFFLINE_HELP}") from None
+    except RuntimeError as exc:
+        if "internet" in str(exc) or "Cannot find callable" in str(exc):
+            raise UserError(f"{cfg.repo} / {cfg.name}: {str(exc).splitlines()[0]}; {_OFFLINE_HELP}") from None
+        raise
+
+
+def _local_entries(repo: str) -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("featpipe_hubconf", os.path.join(repo, "hubconf.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return sorted(n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")
+                  and getattr(getattr(module, n), "__module__", None) == module.__name__)
+
+
+def _cached_ref(repo: str) -> str:
+    """torch.hub asks GitHub for the default branch when no ref is given; with the repo already
+    cached, name the cached branch so a job on an offline node never touches the network."""
+    if ":" in repo:
+        return repo
+    owner_name = repo.replace("/", "_")
+    for ref in ("main", "master"):
+        if os.path.isdir(os.path.join(torch.hub.get_dir(), f"{owner_name}_{ref}")):
+            return f"{repo}:{ref}"
+    return repo
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc).splitlines()[0]
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot load --weights {path}: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"--weights {path} do not fit the model: {str(exc).splitlines()[1:2] or exc}") from None
+
+
+def check_output(out: torch.Tensor, batch: int) -> None:
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"the model must return a 2-D (batch, dim) tensor of features; for a batch of {batch} "
+                        f"it returned {shape}")
