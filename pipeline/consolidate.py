@@ -83,7 +83,10 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
         del f16
         pth_staged = staging_file(out.fs, out.join(names.torch_features))
         # torch.save streams the tensor's storage, which here is the memory map: no full copy in RAM.
-        torch.save(torch.from_numpy(f32), pth_staged)
+        # A file object, not a path: torch names the zip's inner folder after a path, and the
+        # temporary name would make the bytes differ from run to run.
+        with open(pth_staged, "wb") as f:
+            torch.save(torch.from_numpy(f32), f)
         del f32
         for staged, name in ((npy_staged, names.numpy_features), (pth_staged, names.torch_features),
                              (list_staged, names.img_list), (err_staged, names.errors)):
