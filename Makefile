@@ -35,10 +35,18 @@ verify: install
 
 DEMO = data/demo
 
+# Offline: sample images (with deliberately broken files) → shards → features from a random-weight
+# ViT in featpipe's local hub. Exit status 3 from extract means "done, with recorded failures".
 demo: install
 	$(BIN)/python tools/make_sample_images.py $(DEMO)/images --broken
-	$(BIN)/featpipe pack $(DEMO)/images $(DEMO)/shards --shard-size 16 --no-progress
-	@echo "demo shards: $(DEMO)/shards (manifest: $(DEMO)/shards/manifest.json)"
+	$(BIN)/featpipe pack $(DEMO)/images $(DEMO)/shards --shard-size 16 --overwrite --no-progress
+	$(BIN)/featpipe extract $(DEMO)/shards $(DEMO)/features --model-repo pipeline/hub --model-name vit_tiny_p14 \
+		--batch-size 16 --overwrite --no-progress; status=$$?; [ $$status -eq 0 ] || [ $$status -eq 3 ]
+	$(BIN)/featpipe verify $(DEMO)/features --shards $(DEMO)/shards
+	@echo
+	@echo "shards:   $(DEMO)/shards (manifest.json lists the files pack skipped, and why)"
+	@echo "features: $(DEMO)/features/fts.npy (float16), fts.pth (float32), img_list.json (row-aligned paths)"
+	@echo "failures: $(DEMO)/features/errors.jsonl; Parquet chunks for faiss/autofaiss: $(DEMO)/features/chunks/"
 
 bench: install
 	$(BIN)/python tools/bench.py

@@ -17,6 +17,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from pipeline.errors import UserError
+from pipeline.faults import crash_point
 from pipeline.runinfo import RunInfo
 from pipeline.storage import Location, commit_file, staging_file
 from pipeline.writer import chunk_matrix, read_chunk, read_done
@@ -91,6 +92,7 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
         for staged, name in ((npy_staged, names.numpy_features), (pth_staged, names.torch_features),
                              (list_staged, names.img_list), (err_staged, names.errors)):
             commit_file(out.fs, staged, out.join(name))
+            crash_point("consolidate")
     return Consolidated(rows, dim, n_errors, [r["shard"] for r in records if r["failed"]])
 
 

@@ -4,7 +4,6 @@ fts.npy / fts.pth / img_list.json. Reruns resume; under torchrun each rank takes
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ from tqdm import tqdm
 from pipeline import dist
 from pipeline.consolidate import Consolidated, OutputNames, consolidate
 from pipeline.errors import EXIT_FAILURES, EXIT_OK, UserError
+from pipeline.faults import crash_point
 from pipeline.model import ModelConfig, check as check_model, check_output, load_model
 from pipeline.runinfo import RUN_FILE, check_compatible, make_run, write_run
 from pipeline.shardlist import ShardRef, folder_as_shards, resolve_shards
-from pipeline.storage import Location, commit_json, ensure_writable, locate
+from pipeline.storage import Location, commit_json, ensure_writable, locate, remove_stale_temps
 from pipeline.stream import ReadConfig, ShardStream
 from pipeline.transform import Normalizer, TransformConfig
 from pipeline.writer import CHUNKS, DONE, ShardRows, commit_shard, finished
@@ -146,6 +146,7 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | 
 
 def _prepare_out(out: Location, run, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
     if ctx.is_main:
+        remove_stale_temps(out, CHUNKS, DONE)  # the other ranks wait at the barrier below
         if cfg.overwrite:
             _clear(out, cfg.names)
         if not check_compatible(out, run):
@@ -199,7 +200,8 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
             if batch["end"]:
                 writes.append(writer.submit(commit_shard, out, pending.pop(batch["shard"]), batch, fingerprint))
                 committed += _drain(writes, keep=4)
-                _maybe_test_crash(ctx, committed)
+                if committed:
+                    crash_point("after-chunk", ctx.rank)
             timing["write_wait_s"] += time.perf_counter() - t1
             t_wait = time.perf_counter()
         t1 = time.perf_counter()
@@ -221,18 +223,6 @@ def _drain(writes: list[Future], keep: int) -> int:
 def _worker_init(_: int) -> None:
     # Each worker decodes one image at a time; more threads per worker only fight over the cores.
     torch.set_num_threads(1)
-
-
-def _maybe_test_crash(ctx: dist.DistContext, committed: int) -> None:
-    """Test-only: FEATPIPE_TEST_CRASH_ONCE=FILE makes rank FEATPIPE_TEST_CRASH_RANK (default 0) die
-    after its first committed chunk, once (FILE remembers), to prove restarts redo only the rest."""
-    marker = os.environ.get("FEATPIPE_TEST_CRASH_ONCE")
-    if not marker or committed < 1 or ctx.rank != int(os.environ.get("FEATPIPE_TEST_CRASH_RANK", "0")):
-        return
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        log.error("test switch FEATPIPE_TEST_CRASH_ONCE: rank %d exits after its first chunk", ctx.rank)
-        os._exit(17)
 
 
 def _stats(cfg: ExtractConfig, device: torch.device, precision: str, dim: int, timing: dict,

@@ -15,9 +15,9 @@ from pipeline.errors import UserError
 
 _GITHUB_REPO = re.compile(r"[\w.-]+/[\w.-]+(:[\w./-]+)?")
 LOCAL_HUB = Path(__file__).resolve().parent / "hub"
-_OFFLINE_HELP = ("offline options: --model-repo PATH to a local directory with a hubconf.py "
-                 f"(featpipe ships one: {LOCAL_HUB}), a TORCH_HOME that already caches the repo, "
-                 "or --weights FILE for the entry's architecture")
+_OFFLINE_HELP = ("offline options: a TORCH_HOME that already caches the repo (and its weights), or "
+                 "--model-repo PATH to a local checkout or any directory with a hubconf.py, with --weights FILE "
+                 f"for local weights (featpipe ships an offline one: {LOCAL_HUB})")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from pipeline.errors import UserError
 from pipeline.probe import DEFAULT_MAX_PIXELS, BadImage, ImageInfo, probe
 from pipeline.shards import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
 from pipeline.sources import Listing, SourceFile, list_images
-from pipeline.storage import Location, commit_file, commit_json, ensure_writable, locate, read_json, staging_file
+from pipeline.storage import (Location, commit_file, commit_json, ensure_writable, locate, read_json,
+                              remove_stale_temps, staging_file)
 from pipeline.units import format_bytes
 
 
@@ -102,6 +103,7 @@ def run_pack(cfg: PackConfig) -> PackResult:
     listing = list_images(cfg.src)
     dest = locate(cfg.dest)
     ensure_writable(dest)
+    remove_stale_temps(dest, COMMITS_DIR)
     if cfg.overwrite:
         _clear(dest)
     tasks = plan(listing.files, cfg)

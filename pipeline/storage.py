@@ -129,6 +129,22 @@ def commit_file(fs: fsspec.AbstractFileSystem, staged: str, final_path: str) -> 
         _remove_quietly(staged)
 
 
+def remove_stale_temps(loc: Location, *subdirs: str) -> int:
+    """Temporary files a killed run left behind (local folders only: object stores have none).
+    Call only while no other process writes there."""
+    if not loc.is_local:
+        return 0
+    removed = 0
+    for sub in ("", *subdirs):
+        folder = os.path.join(loc.path, sub)
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(".tmp-"):
+                    _remove_quietly(os.path.join(folder, name))
+                    removed += 1
+    return removed
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)

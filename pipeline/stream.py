@@ -141,7 +141,7 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
         except _PERMANENT as exc:
             report.failed = f"{type(exc).__name__}: {_first_arg(exc)} (after {report.read} samples)"
             break
-        except OSError as exc:  # connection reset, timeout, 5xx surfaced by fsspec
+        except Exception as exc:  # connection reset, timeout, a 5xx in the backend's own error type
             attempt += 1
             if attempt > read.retries:
                 report.failed = (f"gave up after {read.retries} retries: {type(exc).__name__}: {_first_arg(exc)} "
@@ -149,9 +149,6 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
                 break
             log.warning("shard %s: %s; retry %d of %d", shard.url, exc, attempt, read.retries)
             time.sleep(read.backoff_s * 2 ** (attempt - 1))
-        except Exception as exc:  # a backend's own error type: record it, never kill the worker
-            report.failed = f"{type(exc).__name__}: {_first_arg(exc)} (after {report.read} samples)"
-            break
     if report.failed is None and shard.expected is not None and report.read < shard.expected:
         report.failed = f"shard ended after {report.read} of {shard.expected} samples"
 
