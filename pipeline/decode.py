@@ -13,22 +13,41 @@ from pipeline.probe import DEFAULT_MAX_PIXELS
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short_side: int | None = None) -> Image.Image:
-    """Open and load the first frame; raises on damaged or oversized data.
-
-    With `draft_short_side`, a JPEG at least twice that size is decoded by libjpeg-turbo at 1/2,
-    1/4 or 1/8 scale, never below it: most of the decode and resize work is skipped."""
+def open_lazy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only; refuses images claiming more than `max_pixels`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(io.BytesIO(data))
-        if im.width * im.height > max_pixels:
-            raise ValueError(f"{im.width}x{im.height} pixels, over the limit of {max_pixels}")
-        if draft_short_side and im.format == "JPEG" and min(im.size) >= 2 * draft_short_side:
-            scale = min(im.size) / draft_short_side
-            im.draft(im.mode, (int(im.width / scale) + 1, int(im.height / scale) + 1))
-        im.seek(0)  # animated GIF / multi-page TIFF: the first frame
-        im.load()
+    if im.width * im.height > max_pixels:
+        raise ValueError(f"{im.width}x{im.height} pixels, over the limit of {max_pixels}")
     return im
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short_side: int | None = None) -> Image.Image:
+    """Open and load the first frame; raises on damaged or oversized data.
+
+    With `draft_short_side`, a JPEG at least twice that size is decoded by libjpeg at 1/2, 1/4 or
+    1/8 scale, never below it: most of the decode and resize work is skipped."""
+    im = open_lazy(data, max_pixels)
+    if draft_short_side and im.format == "JPEG" and min(im.size) >= 2 * draft_short_side:
+        scale = min(im.size) / draft_short_side
+        im.draft(im.mode, (int(im.width / scale) + 1, int(im.height / scale) + 1))
+    im.seek(0)  # animated GIF / multi-page TIFF: the first frame
+    im.load()
+    return im
+
+
+# EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose does).
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block must not cost us the pixels
+        return 1
 
 
 def upright(im: Image.Image) -> Image.Image:

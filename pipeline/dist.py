@@ -36,7 +36,13 @@ def init(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
     if ctx.active and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        timeout = timedelta(seconds=timeout_s)
+        store, _, _ = next(tdist.rendezvous("env://", ctx.rank, ctx.world, timeout=timeout))
+        # torchrun keeps one store across --max-restarts; without a fresh prefix per attempt the
+        # restarted ranks read the dead ranks' addresses and gloo fails with "connection refused".
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = tdist.PrefixStore(f"featpipe/attempt-{attempt}", store)
+        tdist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world, timeout=timeout, **kwargs)
 
 
 def barrier(ctx: DistContext) -> None:

@@ -38,8 +38,15 @@ def single(shards, tmp_path_factory) -> Path:
 
 def torchrun(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started: no orphans
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun hung for {timeout}s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def same_outputs(a: Path, b: Path) -> None:
