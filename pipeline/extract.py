@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import dist
+from pipeline.devicedecode import decode_on_device
 from pipeline.consolidate import Consolidated, OutputNames, consolidate
 from pipeline.errors import EXIT_FAILURES, EXIT_OK, UserError
 from pipeline.faults import crash_point
@@ -186,17 +187,19 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
             t0 = time.perf_counter()
             timing["wait_data_s"] += t0 - t_wait
             rows = pending.setdefault(batch["shard"], ShardRows(batch["shard"]))
-            n = len(batch["keys"])
+            images, keep = _on_device(batch, device, cfg.transform, rows)
+            n = len(keep)
             if n:
                 with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32,
                                                             enabled=amp is not None):
-                    feats = model(normalize(batch["images"].to(device, non_blocking=True)))
+                    feats = model(normalize(images))
                 check_output(feats, n)
-                rows.add(batch["keys"], batch["paths"], batch["indices"], feats.float().cpu().numpy())
+                rows.add([batch["keys"][i] for i in keep], [batch["paths"][i] for i in keep],
+                         [batch["indices"][i] for i in keep], feats.float().cpu().numpy())
             t1 = time.perf_counter()
             timing["model_s"] += t1 - t0
             timing["images"] += n
-            bar.update(n + (len(batch["errors"]) if batch["end"] else 0))
+            bar.update(len(batch["keys"]) + (len(batch["errors"]) if batch["end"] else 0))
             if batch["end"]:
                 writes.append(writer.submit(commit_shard, out, pending.pop(batch["shard"]), batch, fingerprint))
                 committed += _drain(writes, keep=4)
@@ -209,6 +212,25 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
         timing["write_wait_s"] += time.perf_counter() - t1
     bar.close()
     return timing
+
+
+def _on_device(batch: dict, device: torch.device, transform: TransformConfig, rows: ShardRows
+               ) -> tuple[torch.Tensor, list[int]]:
+    """The batch's uint8 crops on the device, with JPEGs left for the device decoded into their
+    slots; a slot that fails to decode is recorded with the shard and dropped."""
+    images = batch["images"].to(device, non_blocking=True)
+    keep = list(range(len(batch["keys"])))
+    if batch["jpegs"]:
+        crops, failed = decode_on_device(batch["jpegs"], device, transform)
+        for slot, crop in crops.items():
+            images[slot] = crop
+        for slot, reason in failed.items():
+            rows.errors.append({"key": batch["keys"][slot], "path": batch["paths"][slot], "shard": batch["shard"],
+                                "index": batch["indices"][slot], "reason": reason})
+        if failed:
+            keep = [i for i in keep if i not in failed]
+            images = images[keep]
+    return images, keep
 
 
 def _drain(writes: list[Future], keep: int) -> int:

@@ -56,9 +56,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-ratio", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the aspect ratio when resizing (default); --no-keep-ratio resizes to a square")
     p.add_argument("--crop-size", type=_positive, default=224, help="center crop")
-    p.add_argument("--decode", choices=("fast", "exact"), default="fast",
-                   help="fast: reduced-size JPEG decoding for large images (default); exact: the original "
-                        "script's Pillow pipeline pixel for pixel")
+    p.add_argument("--decode", choices=("fast", "exact", "device"), default="fast",
+                   help="fast: reduced-size JPEG decoding in the workers (default); exact: the original "
+                        "script's Pillow pipeline pixel for pixel; device: JPEGs decoded on the model's device "
+                        "(nvJPEG on CUDA), other formats in the workers")
     add_output_name_flags(p)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pipeline.devicedecode import DeviceJpeg, device_decodable
 from pipeline.shardlist import ShardRef
 from pipeline.transform import TransformConfig, crop_uint8
 
@@ -68,9 +69,9 @@ class ShardStream(IterableDataset):
 
     def _shard_batches(self, shard: ShardRef) -> Iterator[dict]:
         report = ShardReport()
-        batch: list[tuple[RawSample, np.ndarray]] = []
+        batch: list[tuple[RawSample, np.ndarray | DeviceJpeg]] = []
         for raw in iter_shard(shard, report, self.read):
-            crop, reason = _decode(raw, self.transform)
+            crop, reason = _decode(raw, self.transform, len(batch))
             if crop is None:
                 report.errors.append({"key": raw.key, "path": raw.path, "shard": shard.name, "index": raw.index,
                                       "reason": reason})
@@ -82,20 +83,30 @@ class ShardStream(IterableDataset):
         yield _batch(shard, batch, self.transform, report)
 
 
-def _decode(raw: RawSample, cfg: TransformConfig) -> tuple[np.ndarray | None, str | None]:
+def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[np.ndarray | DeviceJpeg | None, str | None]:
     if raw.error:
         return None, raw.error
     try:
+        if cfg.mode == "device":
+            on_device, rotation = device_decodable(raw.data)
+            if on_device:
+                return DeviceJpeg(slot, torch.frombuffer(bytearray(raw.data), dtype=torch.uint8), rotation), None
         return crop_uint8(raw.data, cfg), None
     except Exception as exc:  # Pillow raises many types for damaged data
         return None, f"decode failed: {type(exc).__name__}: {exc}"
 
 
-def _batch(shard: ShardRef, items: list[tuple[RawSample, np.ndarray]], cfg: TransformConfig,
+def _batch(shard: ShardRef, items: list[tuple[RawSample, np.ndarray | DeviceJpeg]], cfg: TransformConfig,
            report: ShardReport | None) -> dict:
-    images = (torch.from_numpy(np.stack([c for _, c in items])) if items
-              else torch.empty((0, 3, cfg.crop_size, cfg.crop_size), dtype=torch.uint8))
-    out = {"shard": shard.name, "images": images, "keys": [r.key for r, _ in items],
+    """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills."""
+    images = torch.zeros((len(items), 3, cfg.crop_size, cfg.crop_size), dtype=torch.uint8)
+    jpegs = []
+    for i, (_, c) in enumerate(items):
+        if isinstance(c, DeviceJpeg):
+            jpegs.append(c)
+        else:
+            images[i] = torch.from_numpy(c)
+    out = {"shard": shard.name, "images": images, "jpegs": jpegs, "keys": [r.key for r, _ in items],
            "paths": [r.path for r, _ in items], "indices": [r.index for r, _ in items], "end": report is not None}
     if report is not None:
         out.update(errors=report.errors, read=report.read, failed=report.failed)

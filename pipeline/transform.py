@@ -1,10 +1,12 @@
 """The preprocessing: bytes → a uint8 crop on the CPU, then float and ImageNet statistics on the
 model's device (4× fewer bytes over PCIe, and no float work in the data workers).
 
-Two modes give the same geometry (torchvision's Resize(size, bicubic) then CenterCrop):
-  exact  the original script's Pillow + torchvision pipeline, pixel for pixel;
-  fast   JPEGs decoded by libjpeg-turbo (simplejpeg) at a reduced scale when the source is at least
-         twice the target, and one bicubic resize of only the region that survives the crop.
+All modes give the same geometry (torchvision's Resize(size, bicubic) then CenterCrop):
+  exact   the original script's Pillow + torchvision pipeline, pixel for pixel;
+  fast    JPEGs decoded by libjpeg-turbo (simplejpeg) at a reduced scale when the source is at least
+          twice the target, and one bicubic resize of only the region that survives the crop;
+  device  plain JPEGs travel compressed and are decoded on the model's device (devicedecode.py);
+          other images take the fast path in the workers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class TransformConfig:
     resize_size: int = 256
     crop_size: int = 224
     keep_ratio: bool = True
-    mode: str = "fast"  # or "exact"
+    mode: str = "fast"  # "exact", or "device": plain JPEGs are decoded on the model's device
 
     def fingerprint(self) -> dict:
         return {"resize_size": self.resize_size, "crop_size": self.crop_size, "keep_ratio": self.keep_ratio,
@@ -77,10 +79,8 @@ def decode_fast(data: bytes, target_short: int) -> tuple[Image.Image, tuple[int,
     return im, full
 
 
-def resize_crop(im: Image.Image, full_size: tuple[int, int], cfg: TransformConfig) -> Image.Image:
-    """torchvision's Resize + CenterCrop geometry, computed on the full-size image, applied to `im`
-    (which may be a reduced decode of it) by resampling only the crop's source box."""
-    w, h = full_size
+def resized_geometry(w: int, h: int, cfg: TransformConfig) -> tuple[int, int, int, int]:
+    """torchvision's Resize then CenterCrop, as numbers: resized (w, h) and the crop's (left, top)."""
     if cfg.keep_ratio:
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = cfg.resize_size, int(cfg.resize_size * long / short)
@@ -88,7 +88,14 @@ def resize_crop(im: Image.Image, full_size: tuple[int, int], cfg: TransformConfi
     else:
         new_w = new_h = cfg.resize_size
     c = cfg.crop_size
-    top, left = int(round((new_h - c) / 2.0)), int(round((new_w - c) / 2.0))
+    return new_w, new_h, int(round((new_w - c) / 2.0)), int(round((new_h - c) / 2.0))
+
+
+def resize_crop(im: Image.Image, full_size: tuple[int, int], cfg: TransformConfig) -> Image.Image:
+    """The geometry computed on the full-size image, applied to `im` (which may be a reduced
+    decode of it) by resampling only the crop's source box."""
+    new_w, new_h, left, top = resized_geometry(*full_size, cfg)
+    c = cfg.crop_size
     sx, sy = im.width / new_w, im.height / new_h
     box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
     return im.resize((c, c), Image.Resampling.BICUBIC, box=box)

@@ -29,6 +29,7 @@ class ShardRows:
     paths: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     features: list[np.ndarray] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # found on the device, beside the workers' own
 
     def add(self, keys: list[str], paths: list[str], indices: list[int], feats: np.ndarray) -> None:
         self.keys += keys
@@ -53,7 +54,8 @@ def commit_shard(out: Location, rows: ShardRows, end: dict, fingerprint: str) ->
         buf = io.BytesIO()
         pq.write_table(chunk_table(rows), buf, compression="zstd")
         commit_bytes(out.fs, chunk_path(out, rows.shard), buf.getvalue())
-    record = {"shard": rows.shard, "rows": n, "read": end["read"], "errors": end["errors"], "failed": end["failed"],
+    errors = sorted(end["errors"] + rows.errors, key=lambda e: e["index"])
+    record = {"shard": rows.shard, "rows": n, "read": end["read"], "errors": errors, "failed": end["failed"],
               "dim": int(rows.features[0].shape[1]) if n else None, "chunk": f"{CHUNKS}/{rows.shard}.parquet" if n else None,
               "fingerprint": fingerprint}
     commit_json(out.fs, done_path(out, rows.shard), record)

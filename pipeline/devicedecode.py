@@ -1,0 +1,81 @@
+"""JPEG decoding on the model's device (nvJPEG through torchvision on CUDA).
+
+Workers send the compressed bytes of plain JPEGs instead of crops (a fraction of the bytes, and no
+decode work on the CPU); everything else (PNG, CMYK JPEG, …) is still decoded into a crop by the
+worker. Here the JPEGs of a batch are decoded in one batched call, oriented, resized and
+center-cropped on the device with the same geometry as the CPU path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+
+from pipeline.decode import open_lazy, orientation
+from pipeline.transform import TransformConfig, resized_geometry
+
+
+@dataclass
+class DeviceJpeg:
+    """A JPEG a worker left for the device: its slot in the batch and what the header said."""
+
+    slot: int
+    data: torch.Tensor  # uint8, 1-D: the file's bytes
+    rotation: int  # EXIF orientation
+
+
+def device_decodable(data: bytes) -> tuple[bool, int]:
+    """Plain (YCbCr or gray) baseline/progressive JPEGs go to the device; CMYK and the rest do not."""
+    if data[:2] != b"\xff\xd8":
+        return False, 1
+    im = open_lazy(data)
+    return (im.format == "JPEG" and im.mode in ("RGB", "L")), orientation(im)
+
+
+def decode_on_device(jpegs: list[DeviceJpeg], device: torch.device, cfg: TransformConfig
+                     ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Crops (3, C, C) uint8 on `device` by slot, and the reason for each slot that failed."""
+    if not jpegs:
+        return {}, {}
+    crops, failed = {}, {}
+    try:
+        images = decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
+    except Exception:  # one bad file fails the batched call: decode one by one to find it
+        images = []
+        for j in jpegs:
+            try:
+                images.append(decode_jpeg(j.data, mode=ImageReadMode.RGB, device=device))
+            except Exception as exc:
+                images.append(None)
+                failed[j.slot] = f"decode failed on {device.type}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    for j, im in zip(jpegs, images):
+        if im is not None:
+            crops[j.slot] = resize_crop_tensor(_orient(im, j.rotation), cfg)
+    return crops, failed
+
+
+# EXIF orientation → the same transpose as Image.transpose, on a (3, H, W) tensor.
+_ORIENT = {
+    2: lambda t: t.flip(-1),  # FLIP_LEFT_RIGHT
+    3: lambda t: t.flip(-1).flip(-2),  # ROTATE_180
+    4: lambda t: t.flip(-2),  # FLIP_TOP_BOTTOM
+    5: lambda t: t.transpose(-1, -2),  # TRANSPOSE
+    6: lambda t: t.rot90(-1, (-2, -1)),  # ROTATE_270: a quarter turn clockwise
+    7: lambda t: t.transpose(-1, -2).flip(-1).flip(-2),  # TRANSVERSE
+    8: lambda t: t.rot90(1, (-2, -1)),  # ROTATE_90: a quarter turn counter-clockwise
+}
+
+
+def _orient(im: torch.Tensor, rotation: int) -> torch.Tensor:
+    return _ORIENT[rotation](im) if rotation in _ORIENT else im
+
+
+def resize_crop_tensor(im: torch.Tensor, cfg: TransformConfig) -> torch.Tensor:
+    h, w = im.shape[-2:]
+    new_w, new_h, left, top = resized_geometry(w, h, cfg)
+    im = TF.resize(im, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return im[:, top:top + cfg.crop_size, left:left + cfg.crop_size]

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""featpipe against the original method, on the same images and model, in one run, as ratios.
+
+    python tools/bench.py [--images DIR] [--n 256] [--phone-n 24] [--workers 2] [--out bench-out]
+
+Figures (each measured here, now, side by side):
+  1. data path per core (shards → uint8 crops, no model) vs the original Pillow + float transforms,
+     and vs plain libjpeg-turbo decoding of the same files (the CPU floor);
+  2. end to end on the CPU, same model, batch size and workers: `featpipe extract` vs the original
+     method (tools/original_method.py); start-up cancelled by timing N and N/2 images;
+  3. peak RSS at N and 10·N images, featpipe vs the original;
+  4. pack speed vs `tar -cf` of the same files (start-up cancelled the same way);
+  5. feature fidelity of the fast path vs the original preprocessing (cosine mean and min).
+Writes OUT/bench.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from make_sample_images import jpeg_bytes, photo  # noqa: E402
+from original_method import ImageFiles, original_transform  # noqa: E402
+
+HUB = str(ROOT / "pipeline" / "hub")
+
+
+def make_set(folder: Path, sizes: list[tuple[int, int]], seed: int) -> Path:
+    """Photo-like JPEGs; big ones are derived from a few renders (flips, crops, qualities) to keep
+    generation quick while every file stays distinct."""
+    if folder.exists() and len(list(folder.glob("*.jpg"))) == len(sizes):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    bases: dict[tuple[int, int], Image.Image] = {}
+    for i, (w, h) in enumerate(sizes):
+        key = (w, h, i % 6) if w * h > 10**6 else None
+        if key is None:
+            im = photo(w, h, seed + i)
+        else:
+            im = bases.setdefault(key, photo(w, h, seed + i % 6))
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i % 2 else im
+            im = im.crop((i % 7, i % 5, w - i % 3, h))
+        (folder / f"img_{i:05d}.jpg").write_bytes(jpeg_bytes(im, quality=85 + i % 10))
+    return folder
+
+
+def imagenet_sizes(n: int) -> list[tuple[int, int]]:
+    rng = np.random.RandomState(0)
+    out = []
+    for _ in range(n):
+        short = int(rng.randint(300, 501))
+        long = int(short * rng.choice([1.0, 4 / 3, 3 / 2]))
+        out.append((long, short) if rng.rand() < 0.7 else (short, long))
+    return out
+
+
+def phone_sizes(n: int) -> list[tuple[int, int]]:
+    return [((2000, 1500) if i % 3 else (1500, 2000)) if i % 4 else (2016, 1512) for i in range(n)]
+
+
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB, largest process in the tree) of a command."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read().decode()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return seconds, usage.ru_maxrss
+
+
+def best_rate(fn, n: int, repeats: int = 2) -> float:
+    fn()  # warm-up: page cache, imports, allocator
+    return max(n / _timed(fn) for _ in range(repeats))
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def pack(src: Path, dest: Path, workers: int = 1) -> None:
+    run([sys.executable, "-m", "pipeline", "pack", str(src), str(dest), "--workers", str(workers), "--overwrite",
+         "--no-progress", "--shard-size", "64"])
+
+
+def data_path(folder: Path, shards: Path, batch: int) -> dict:
+    """Images/s on one core: each method in this process, torch limited to one thread."""
+    import simplejpeg
+
+    from pipeline.shardlist import resolve_shards
+    from pipeline.stream import ShardStream
+    from pipeline.transform import TransformConfig
+
+    torch.set_num_threads(1)
+    files = sorted(folder.glob("*.jpg"))
+    refs = resolve_shards(str(shards))
+
+    def ours(mode: str):
+        def go():
+            for _ in ShardStream(refs, TransformConfig(mode=mode), batch):
+                pass
+        return go
+
+    def original():
+        for _ in torch.utils.data.DataLoader(ImageFiles(str(folder), original_transform()), batch_size=batch):
+            pass
+
+    def plain_decode():
+        for p in files:
+            simplejpeg.decode_jpeg(p.read_bytes(), "RGB")
+
+    n = len(files)
+    rates = {"original": best_rate(original, n), "plain_decode": best_rate(plain_decode, n),
+             "featpipe_fast": best_rate(ours("fast"), n), "featpipe_exact": best_rate(ours("exact"), n)}
+    return {"images": n, "images_per_s_per_core": {k: round(v, 1) for k, v in rates.items()},
+            "fast_vs_original": round(rates["featpipe_fast"] / rates["original"], 2),
+            "fast_vs_plain_decode": round(rates["featpipe_fast"] / rates["plain_decode"], 2),
+            "exact_vs_original": round(rates["featpipe_exact"] / rates["original"], 2)}
+
+
+def fidelity(folder: Path) -> dict:
+    from pipeline.transform import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, crop_uint8
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = torch.hub.load(HUB, "vit_tiny_p14", source="local").eval()
+    ds = ImageFiles(str(folder), original_transform())
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    ref, fast = [], []
+    for i, p in enumerate(ds.paths):
+        ref.append(ds[i][0])
+        crop = torch.from_numpy(crop_uint8(Path(p).read_bytes(), TransformConfig(mode="fast")))
+        fast.append((crop.float() / 255 - mean) / std)
+    with torch.inference_mode():
+        a, b = model(torch.stack(ref)), model(torch.stack(fast))
+    cos = torch.nn.functional.cosine_similarity(a, b).numpy()
+    return {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
+
+
+def end_to_end(folder: Path, shards: Path, half_folder: Path, half_shards: Path, model: str, workers: int,
+               batch: int, work: Path) -> dict:
+    """Per-image seconds with start-up cancelled: (t(N) - t(N/2)) / (N - N/2)."""
+    def ours(src: Path) -> list[str]:
+        return [sys.executable, "-m", "pipeline", "extract", str(src), str(work / "e2e-ours"), "--model-repo", HUB,
+                "--model-name", model, "--workers", str(workers), "--batch-size", str(batch), "--device", "cpu",
+                "--overwrite", "--no-progress"]
+
+    def original(src: Path) -> list[str]:
+        return [sys.executable, str(ROOT / "tools" / "original_method.py"), "--data_dir", str(src), "--output_dir",
+                str(work / "e2e-orig"), "--model_repo", HUB, "--model_name", model, "--batch_size", str(batch),
+                "--num_workers", str(workers)]
+
+    n_full, n_half = len(list(folder.glob("*.jpg"))), len(list(half_folder.glob("*.jpg")))
+    rates = {}
+    for name, cmd in (("featpipe", lambda full: ours(shards if full else half_shards)),
+                      ("original", lambda full: original(folder if full else half_folder))):
+        t_half, _ = run(cmd(False))
+        t_full, _ = run(cmd(True))
+        rates[name] = (n_full - n_half) / max(t_full - t_half, 1e-6)
+    return {"model": model, "images": n_full, "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "featpipe_vs_original": round(rates["featpipe"] / rates["original"], 2)}
+
+
+def peak_rss(folder: Path, shards: Path, big_folder: Path, big_shards: Path, workers: int, batch: int,
+             work: Path) -> dict:
+    out = {}
+    for name, small, big in (("featpipe", shards, big_shards), ("original", folder, big_folder)):
+        rss = []
+        for src in (small, big):
+            if name == "featpipe":
+                cmd = [sys.executable, "-m", "pipeline", "extract", str(src), str(work / "rss-ours"), "--model-repo",
+                       HUB, "--model-name", "vit_tiny_p14", "--workers", str(workers), "--batch-size", str(batch),
+                       "--device", "cpu", "--overwrite", "--no-progress"]
+            else:
+                cmd = [sys.executable, str(ROOT / "tools" / "original_method.py"), "--data_dir", str(src),
+                       "--output_dir", str(work / "rss-orig"), "--model_repo", HUB, "--model_name", "vit_tiny_p14",
+                       "--batch_size", str(batch), "--num_workers", str(workers)]
+            rss.append(run(cmd)[1] / 1024)
+        out[name] = {"peak_rss_mb_n": round(rss[0], 1), "peak_rss_mb_10n": round(rss[1], 1),
+                     "growth": round(rss[1] / rss[0], 3)}
+    return out
+
+
+def pack_speed(folder: Path, big_folder: Path, workers: int, work: Path) -> dict:
+    n, n_big = len(list(folder.glob("*.jpg"))), len(list(big_folder.glob("*.jpg")))
+    rates = {}
+    for name, cmd in (("featpipe_pack", lambda src: [sys.executable, "-m", "pipeline", "pack", str(src),
+                                                     str(work / "pack-out"), "--workers", str(workers),
+                                                     "--overwrite", "--no-progress"]),
+                      ("tar_cf", lambda src: ["tar", "-cf", str(work / "plain.tar"), "-C", str(src), "."])):
+        run(cmd(folder))  # warm the page cache
+        t_small, _ = run(cmd(folder))
+        t_big, _ = run(cmd(big_folder))
+        rates[name] = (n_big - n) / max(t_big - t_small, 1e-6)
+    return {"images_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "pack_vs_tar": round(rates["featpipe_pack"] / rates["tar_cf"], 2)}
+
+
+def replicate(src: Path, dest: Path, times: int) -> Path:
+    """dest holds `times` hard-linked copies of src's images (same bytes, distinct names)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for k in range(times):
+        for p in sorted(src.glob("*.jpg")):
+            os.link(p, dest / f"c{k:02d}_{p.name}")
+    return dest
+
+
+def subset(src: Path, dest: Path, n: int) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for p in sorted(src.glob("*.jpg"))[:n]:
+        os.link(p, dest / p.name)
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=Path, help="a real folder of JPEGs instead of the generated sets")
+    ap.add_argument("--n", type=int, default=256, help="ImageNet-size images")
+    ap.add_argument("--phone-n", type=int, default=24, help="phone-size images")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out")
+    args = ap.parse_args()
+    work = args.out
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.images:
+        sets = {"custom": args.images}
+    else:
+        sets = {"imagenet": make_set(work / "imagenet", imagenet_sizes(args.n), 1000),
+                "phone": make_set(work / "phone", phone_sizes(args.phone_n), 5000)}
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+                                f"torch {torch.__version__}", "data_path": {}, "fidelity": {}}
+    for name, folder in sets.items():
+        shards = work / f"shards-{name}"
+        pack(folder, shards)
+        results["data_path"][name] = data_path(folder, shards, args.batch_size)
+        results["fidelity"][name] = fidelity(folder)
+        print(name, results["data_path"][name], results["fidelity"][name], flush=True)
+    main_set = next(iter(sets.values()))
+    shards = work / f"shards-{next(iter(sets))}"
+    half = subset(main_set, work / "half", len(list(main_set.glob("*.jpg"))) // 2)
+    half_shards = work / "shards-half"
+    pack(half, half_shards)
+    results["end_to_end_cpu"] = [end_to_end(main_set, shards, half, half_shards, m, args.workers, args.batch_size, work)
+                                 for m in ("tiny_cnn", "resnet18")]
+    print(results["end_to_end_cpu"], flush=True)
+    big = replicate(main_set, work / "times10", 10)
+    big_shards = work / "shards-times10"
+    pack(big, big_shards, args.workers)
+    results["peak_rss"] = peak_rss(main_set, shards, big, big_shards, args.workers, args.batch_size, work)
+    results["pack"] = pack_speed(main_set, big, args.workers, work)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    (work / "bench.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(r: dict) -> None:
+    print(f"\nfeatpipe benchmark — {r['machine']}")
+    print(f"{'figure':58s} {'featpipe':>10s} {'baseline':>10s} {'ratio':>7s}")
+    for name, d in r["data_path"].items():
+        ips = d["images_per_s_per_core"]
+        print(f"{'data path img/s/core, ' + name + ', vs original':58s} {ips['featpipe_fast']:10.1f} "
+              f"{ips['original']:10.1f} {d['fast_vs_original']:7.2f}")
+        print(f"{'data path img/s/core, ' + name + ', vs plain decode':58s} {ips['featpipe_fast']:10.1f} "
+              f"{ips['plain_decode']:10.1f} {d['fast_vs_plain_decode']:7.2f}")
+        f = r["fidelity"][name]
+        print(f"{'fidelity (cosine) fast vs original, ' + name:58s} mean {f['cosine_mean']:.6f} min {f['cosine_min']:.6f}")
+    for e in r["end_to_end_cpu"]:
+        ips = e["images_per_s"]
+        print(f"{'end to end img/s (CPU), ' + e['model']:58s} {ips['featpipe']:10.1f} {ips['original']:10.1f} "
+              f"{e['featpipe_vs_original']:7.2f}")
+    for name, d in r["peak_rss"].items():
+        print(f"{'peak RSS MB at N → 10N, ' + name:58s} {d['peak_rss_mb_n']:10.1f} {d['peak_rss_mb_10n']:10.1f} "
+              f"{d['growth']:7.3f}")
+    p = r["pack"]["images_per_s"]
+    print(f"{'pack img/s vs tar -cf':58s} {p['featpipe_pack']:10.1f} {p['tar_cf']:10.1f} {r['pack']['pack_vs_tar']:7.2f}")
+    print(f"({r['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
