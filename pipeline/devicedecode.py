@@ -11,12 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
 
 from pipeline.decode import open_lazy, orientation
-from pipeline.transform import TransformConfig, resized_geometry
+from pipeline.transform import TransformConfig, resize_crop_tensor
 
 
 @dataclass
@@ -72,10 +70,3 @@ _ORIENT = {
 
 def _orient(im: torch.Tensor, rotation: int) -> torch.Tensor:
     return _ORIENT[rotation](im) if rotation in _ORIENT else im
-
-
-def resize_crop_tensor(im: torch.Tensor, cfg: TransformConfig) -> torch.Tensor:
-    h, w = im.shape[-2:]
-    new_w, new_h, left, top = resized_geometry(w, h, cfg)
-    im = TF.resize(im, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return im[:, top:top + cfg.crop_size, left:left + cfg.crop_size]

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -69,7 +68,7 @@ class ShardStream(IterableDataset):
 
     def _shard_batches(self, shard: ShardRef) -> Iterator[dict]:
         report = ShardReport()
-        batch: list[tuple[RawSample, np.ndarray | DeviceJpeg]] = []
+        batch: list[tuple[RawSample, torch.Tensor | DeviceJpeg]] = []
         for raw in iter_shard(shard, report, self.read):
             crop, reason = _decode(raw, self.transform, len(batch))
             if crop is None:
@@ -83,7 +82,7 @@ class ShardStream(IterableDataset):
         yield _batch(shard, batch, self.transform, report)
 
 
-def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[np.ndarray | DeviceJpeg | None, str | None]:
+def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[torch.Tensor | DeviceJpeg | None, str | None]:
     if raw.error:
         return None, raw.error
     try:
@@ -96,7 +95,7 @@ def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[np.ndarray
         return None, f"decode failed: {type(exc).__name__}: {exc}"
 
 
-def _batch(shard: ShardRef, items: list[tuple[RawSample, np.ndarray | DeviceJpeg]], cfg: TransformConfig,
+def _batch(shard: ShardRef, items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]], cfg: TransformConfig,
            report: ShardReport | None) -> dict:
     """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills."""
     images = torch.zeros((len(items), 3, cfg.crop_size, cfg.crop_size), dtype=torch.uint8)
@@ -105,7 +104,7 @@ def _batch(shard: ShardRef, items: list[tuple[RawSample, np.ndarray | DeviceJpeg
         if isinstance(c, DeviceJpeg):
             jpegs.append(c)
         else:
-            images[i] = torch.from_numpy(c)
+            images[i] = c
     out = {"shard": shard.name, "images": images, "jpegs": jpegs, "keys": [r.key for r, _ in items],
            "paths": [r.path for r, _ in items], "indices": [r.index for r, _ in items], "end": report is not None}
     if report is not None:

@@ -28,15 +28,15 @@ def test_device_orientation_matches_pillow(rotation):
 @pytest.mark.parametrize("rel", sorted(VALID))
 def test_fast_crop_matches_exact_where_no_reduced_decode(rel):
     data = VALID[rel]
-    exact, fast = crop_uint8(data, EXACT).astype(int), crop_uint8(data, FAST).astype(int)
+    exact, fast = crop_uint8(data, EXACT).numpy().astype(int), crop_uint8(data, FAST).numpy().astype(int)
     assert exact.shape == fast.shape == (3, 224, 224)
     short = min(Image.open(io.BytesIO(data)).size)
     if rel.endswith("sixteen_bit.png"):
         # the original clips 16-bit samples to white; fast mode scales them to 8 bits
         assert exact.min() == 255 and fast.std() > 20
     elif short < 512:
-        # one resize of the crop's box is the same filter as resize-then-crop: at most rounding apart
-        assert np.abs(exact - fast).max() <= 1, rel
+        # the same geometry and filter (Pillow's, in torch's uint8 kernel): at most rounding apart
+        assert np.abs(exact - fast).max() <= 2 and np.abs(exact - fast).mean() < 0.1, rel
     else:
         assert np.abs(exact - fast).mean() < 1.5, rel  # reduced-size decode: close, not identical
 
@@ -49,7 +49,7 @@ def test_device_decode_on_cpu_matches_exact_closely():
     crops, failed = decode_on_device(items, torch.device("cpu"), DEVICE)
     assert not failed and sorted(crops) == list(range(len(items)))
     for i, (rel, data) in enumerate(jpegs.items()):
-        diff = np.abs(crops[i].numpy().astype(int) - crop_uint8(data, EXACT).astype(int))
+        diff = np.abs(crops[i].numpy().astype(int) - crop_uint8(data, EXACT).numpy().astype(int))
         assert diff.mean() < 1.5, rel
 
 

@@ -148,7 +148,7 @@ def fidelity(folder: Path) -> dict:
     ref, fast = [], []
     for i, p in enumerate(ds.paths):
         ref.append(ds[i][0])
-        crop = torch.from_numpy(crop_uint8(Path(p).read_bytes(), TransformConfig(mode="fast")))
+        crop = crop_uint8(Path(p).read_bytes(), TransformConfig(mode="fast"))
         fast.append((crop.float() / 255 - mean) / std)
     with torch.inference_mode():
         a, b = model(torch.stack(ref)), model(torch.stack(fast))
