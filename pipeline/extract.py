@@ -249,11 +249,14 @@ def _worker_init(_: int) -> None:
 
 def _stats(cfg: ExtractConfig, device: torch.device, precision: str, dim: int, timing: dict,
            result: Consolidated | None, seconds: float, ctx: dist.DistContext) -> dict:
+    streaming = timing["wait_data_s"] + timing["model_s"] + timing["write_wait_s"]
     stats = {"device": str(device), "precision": precision, "model": {"repo": cfg.model.repo, "name": cfg.model.name},
              "dim": dim, "rank": ctx.rank, "world_size": ctx.world, "workers": cfg.workers,
              "batch_size": cfg.batch_size, "seconds": round(seconds, 3),
              "embedded_this_run": timing["images"], "shards_this_run": timing["shards"],
              "images_per_s": round(timing["images"] / seconds, 2) if seconds else None,
+             # the streaming phase alone: no start-up, model loading or consolidation
+             "streaming_images_per_s": round(timing["images"] / streaming, 2) if streaming else None,
              "stage_seconds": {k: round(v, 3) for k, v in timing.items() if k.endswith("_s")}}
     if result is not None:
         stats.update(rows=result.rows, errors=result.errors, failed_shards=result.failed_shards)
