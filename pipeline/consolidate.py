@@ -54,7 +54,7 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
     dims = {r["dim"] for r in records if r["rows"]}
     if len(dims) > 1:
         raise UserError(f"chunks in {out.url()} disagree on the feature size: {sorted(dims)}")
-    dim = dims.pop() if dims else 0
+    dim = dims.pop() if dims else (run.dim or 0)
     with tempfile.TemporaryDirectory(prefix="featpipe-consolidate-") as tmp:
         f32_path = os.path.join(tmp, "fts32.npy")
         npy_staged = staging_file(out.fs, out.join(names.numpy_features))

@@ -101,7 +101,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     model, dim = _prepare_model(cfg, device, amp)
     precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     settings = {"model": cfg.model.fingerprint(), "transform": cfg.transform.fingerprint(), "precision": precision_name}
-    run = make_run(settings, shards)
+    run = make_run(settings, shards, dim)
     if device.type == "cpu" and cfg.device == "auto":
         log.warning("no CUDA device: running on the CPU")
     log.info("model %s / %s (%d-dim) on %s, %s, %d shards%s", cfg.model.repo, cfg.model.name, dim, device,

@@ -83,7 +83,6 @@ def output_names(args: argparse.Namespace):
 def extract_config(args: argparse.Namespace, **extra):
     from pipeline.extract import ExtractConfig
     from pipeline.model import ModelConfig
-    from pipeline.stream import ReadConfig
     from pipeline.transform import TransformConfig
 
     return ExtractConfig(

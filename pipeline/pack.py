@@ -13,10 +13,11 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline import __version__
@@ -197,20 +198,14 @@ def _shrink(data: bytes, resize_max: int, quality: int, max_pixels: int) -> tupl
         size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
         out = io.BytesIO()
         if has_alpha(im):
-            im.convert("RGBA").resize(size, _bicubic()).save(out, "PNG")
+            im.convert("RGBA").resize(size, Image.Resampling.BICUBIC).save(out, "PNG")
         else:
             im = to_rgb(im) if im.mode not in ("L", "RGB") else im
-            im.resize(size, _bicubic()).save(out, "JPEG", quality=quality)
+            im.resize(size, Image.Resampling.BICUBIC).save(out, "JPEG", quality=quality)
     except Exception as exc:
         raise BadImage(f"cannot decode to resize: {type(exc).__name__}: {exc}") from None
     new = out.getvalue()
     return new, probe(new)
-
-
-def _bicubic() -> int:
-    from PIL import Image
-
-    return Image.Resampling.BICUBIC
 
 
 def _committed(dest: Location, tasks: list[ShardTask]) -> dict[int, dict]:

@@ -19,6 +19,7 @@ RUN_FILE = "run.json"
 class RunInfo:
     settings: dict  # model and transform: anything that changes the numbers
     shards: list[dict]  # name, url, expected — in consolidation order
+    dim: int | None = None  # the model's feature size, so a run without one good image still has it
 
     @property
     def fingerprint(self) -> str:
@@ -32,8 +33,8 @@ class RunInfo:
         return {"featpipe_version": __version__, "fingerprint": self.fingerprint, **asdict(self)}
 
 
-def make_run(settings: dict, shards: list[ShardRef]) -> RunInfo:
-    return RunInfo(settings, [{"name": s.name, "url": s.url, "expected": s.expected} for s in shards])
+def make_run(settings: dict, shards: list[ShardRef], dim: int) -> RunInfo:
+    return RunInfo(settings, [{"name": s.name, "url": s.url, "expected": s.expected} for s in shards], dim)
 
 
 def load_run(out: Location) -> RunInfo:
@@ -41,7 +42,7 @@ def load_run(out: Location) -> RunInfo:
     if not out.fs.exists(path):
         raise UserError(f"{out.url()} holds no featpipe run (no {RUN_FILE}); run `featpipe extract` first")
     data = read_json(out.fs, path)
-    return RunInfo(data["settings"], data["shards"])
+    return RunInfo(data["settings"], data["shards"], data.get("dim"))
 
 
 def check_compatible(out: Location, run: RunInfo) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import braceexpand
 
 from pipeline.errors import UserError
-from pipeline.shards import MANIFEST, shard_name
+from pipeline.shards import MANIFEST, SHARD_DIGITS
 from pipeline.sources import list_images
 from pipeline.storage import locate, read_json
 
@@ -21,6 +21,7 @@ class ShardRef:
     url: str  # a tar URL, or for a group of loose files the folder they came from
     expected: int | None = None  # samples, when a manifest or listing says so
     files: tuple[str, ...] = ()  # loose image files (URLs or paths) when this is not a tar
+    index: int = 0  # position in the run's shard list; loose files get keys from it
 
 
 def resolve_shards(spec: str) -> list[ShardRef]:
@@ -57,9 +58,8 @@ def folder_as_shards(folder: str, group_size: int) -> list[ShardRef]:
     """A plain image folder, streamed directly: sorted files in groups that act as shards."""
     listing = list_images(folder)
     paths = [f.path for f in listing.files]
-    return [ShardRef(shard_name(i // group_size).replace("shard", "part"), folder,
-                     len(paths[i:i + group_size]), tuple(paths[i:i + group_size]))
-            for i in range(0, len(paths), group_size)]
+    groups = [tuple(paths[i:i + group_size]) for i in range(0, len(paths), group_size)]
+    return [ShardRef(f"part-{g:0{SHARD_DIGITS}d}", folder, len(files), files, g) for g, files in enumerate(groups)]
 
 
 def _url(loc, name: str) -> str:
@@ -84,7 +84,7 @@ def _read_list(loc, spec: str) -> list[str]:
 def _named(entries: list[tuple[str, int | None]]) -> list[ShardRef]:
     stems = [_stem(u) for u, _ in entries]
     unique = len(set(stems)) == len(stems)
-    return [ShardRef(stem if unique else f"{i:06d}-{stem}", url, n)
+    return [ShardRef(stem if unique else f"{i:06d}-{stem}", url, n, index=i)
             for i, ((url, n), stem) in enumerate(zip(entries, stems))]
 
 

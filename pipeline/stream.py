@@ -18,6 +18,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.devicedecode import DeviceJpeg, device_decodable
 from pipeline.shardlist import ShardRef
+from pipeline.shards import sample_key
 from pipeline.transform import TransformConfig, crop_uint8
 
 log = logging.getLogger("featpipe")
@@ -120,9 +121,6 @@ def iter_shard(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterat
 
 
 def _iter_files(shard: ShardRef, report: ShardReport) -> Iterator[RawSample]:
-    from pipeline.shards import sample_key
-
-    group = int(shard.name.rsplit("-", 1)[-1])
     for i, path in enumerate(shard.files):
         try:
             with fsspec.open(path, "rb") as f:
@@ -130,7 +128,7 @@ def _iter_files(shard: ShardRef, report: ShardReport) -> Iterator[RawSample]:
         except Exception as exc:
             data, error = None, f"cannot read: {type(exc).__name__}: {exc}"
         report.read += 1
-        yield RawSample(sample_key(group, i), path, i, data, error)
+        yield RawSample(sample_key(shard.index, i), path, i, data, error)
 
 
 def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterator[RawSample]:

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from pipeline.consolidate import OutputNames
-from pipeline.errors import UserError
 from pipeline.runinfo import load_run
 from pipeline.shardlist import resolve_shards
 from pipeline.storage import Location, locate
@@ -63,17 +62,18 @@ def verify(out_url: str, shards_spec: str | None, names: OutputNames = OutputNam
         paths += table.column("path").to_pylist()
         mats.append((shard, chunk_matrix(table)))
     if not problems:
-        problems += _check_outputs(out, names, paths, mats)
+        problems += _check_outputs(out, names, paths, mats, run.dim)
     summary = (f"{'OK' if not problems else 'FAILED'}: {len(paths)} rows from {len(run.shards)} shards; "
                f"{n_errors} samples recorded as failed, {n_failed} shards recorded as failed"
                + (f"; {len(problems)} problems" if problems else ""))
     return problems, summary
 
 
-def _check_outputs(out: Location, names: OutputNames, paths: list[str], mats: list[tuple[str, np.ndarray]]) -> list[str]:
+def _check_outputs(out: Location, names: OutputNames, paths: list[str], mats: list[tuple[str, np.ndarray]],
+                   run_dim: int | None) -> list[str]:
     problems = []
     n = len(paths)
-    dim = mats[0][1].shape[1] if mats else 0
+    dim = mats[0][1].shape[1] if mats else (run_dim or 0)
     try:
         with out.fs.open(out.join(names.img_list), "rb") as f:
             listed = json.load(f)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -250,3 +249,15 @@ def test_bad_input_is_one_line_and_writes_nothing(case, shards, tmp_path):
     if case == "offline_github":
         assert "--model-repo PATH" in last or "404" in last
     assert not out.exists()
+
+
+def test_no_decodable_image_gives_empty_outputs_of_the_right_width(sample_dir, tmp_path):
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    run_cli("pack", sample_dir / "broken", shards)  # only the truncated JPEG passes the header check
+    proc = run_cli("extract", shards, out, *MODEL, "--workers", "0", check=False)
+    assert proc.returncode == 3 and "0 images embedded" in proc.stdout
+    assert np.load(out / "fts.npy").shape == (0, 192)
+    assert tuple(torch.load(out / "fts.pth", weights_only=True).shape) == (0, 192)
+    assert json.loads((out / "img_list.json").read_text()) == []
+    assert not list((out / "chunks").glob("*.parquet")) if (out / "chunks").exists() else True
+    assert run_cli("verify", out, "--shards", shards).returncode == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from conftest import BROKEN, ROOT, VALID, run_cli
+from conftest import BROKEN, VALID, run_cli
 from pipeline.errors import UserError
 from pipeline.pack import PackConfig, run_pack
 

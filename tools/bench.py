@@ -17,7 +17,6 @@ Writes OUT/bench.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
