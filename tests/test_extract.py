@@ -261,3 +261,20 @@ def test_no_decodable_image_gives_empty_outputs_of_the_right_width(sample_dir, t
     assert json.loads((out / "img_list.json").read_text()) == []
     assert not list((out / "chunks").glob("*.parquet"))  # no empty chunk files
     assert run_cli("verify", out, "--shards", shards).returncode == 0
+
+
+def test_chunks_read_by_embedding_reader_in_order(extracted):
+    """The downstream reader autofaiss uses, on OUT/chunks as it is."""
+    from embedding_reader import EmbeddingReader
+
+    out, _ = extracted
+    reader = EmbeddingReader(str(out / "chunks"), file_format="parquet", embedding_column="embedding",
+                             meta_columns=["path"])
+    assert (reader.count, reader.dimension) == (30, 192)
+    embs, paths = [], []
+    for emb, meta in reader(batch_size=7, start=0, end=reader.count, parallel_pieces=1, max_piece_size=8,
+                            show_progress=False):
+        embs.append(emb)
+        paths += list(meta["path"])
+    assert np.array_equal(np.concatenate(embs), torch.load(out / "fts.pth", weights_only=True).numpy())
+    assert paths == json.loads((out / "img_list.json").read_text())
