@@ -135,7 +135,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
 def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None) -> tuple[torch.nn.Module, int]:
     model = load_model(cfg.model).to(device)
     probe = torch.zeros((2, 3, cfg.transform.crop_size, cfg.transform.crop_size), dtype=torch.uint8, device=device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with torch.inference_mode(), _autocast(device, amp):
         try:
             out = model(Normalizer(device)(probe))
         except Exception as exc:
@@ -143,6 +143,10 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | 
                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     check_output(out, 2)
     return model, int(out.shape[1])
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def _prepare_out(out: Location, run, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
@@ -190,8 +194,7 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
             images, keep = _on_device(batch, device, cfg.transform, rows)
             n = len(keep)
             if n:
-                with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                                            enabled=amp is not None):
+                with torch.inference_mode(), _autocast(device, amp):
                     feats = model(normalize(images))
                 check_output(feats, n)
                 rows.add([batch["keys"][i] for i in keep], [batch["paths"][i] for i in keep],

@@ -74,7 +74,8 @@ def finished(out: Location) -> set[str]:
     """Names of the shards already committed in OUT: one listing, not one read per shard."""
     if not out.fs.exists(out.join(DONE)):
         return set()
-    return {p.rsplit("/", 1)[-1].removesuffix(".json") for p in out.fs.glob(out.join(DONE, "*.json"))}
+    names = (p.rsplit("/", 1)[-1] for p in out.fs.glob(out.join(DONE, "*.json")))
+    return {n.removesuffix(".json") for n in names if not n.startswith(".")}  # not a commit's temporary file
 
 
 def read_done(out: Location, shard: str) -> dict:
