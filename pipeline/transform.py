@@ -103,11 +103,14 @@ def resize_crop_tensor(im: torch.Tensor, cfg: TransformConfig, full_size: tuple[
 
 
 class Normalizer:
-    """uint8 (B,3,H,W) on the device → float, scaled and standardised like ToTensor + Normalize."""
+    """uint8 (B,3,H,W) on the device → float, scaled and standardised like ToTensor + Normalize,
+    folded into one multiply and one subtract: (x/255 - mean)/std = x·(1/(255·std)) - mean/std."""
 
     def __init__(self, device: torch.device):
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+        self.scale = (1 / (255 * std)).float().to(device)
+        self.shift = (mean / std).float().to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255).sub_(self.mean).div_(self.std)
+        return x.float().mul_(self.scale).sub_(self.shift)
