@@ -190,7 +190,6 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
                disable=not cfg.progress, dynamic_ncols=True)
     pending: dict[str, ShardRows] = {}
     writes: list[Future] = []
-    committed = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featpipe-writer") as writer:
         t_wait = time.perf_counter()
         for batch in loader:
@@ -210,10 +209,8 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
             timing["images"] += n
             bar.update(len(batch["keys"]) + (len(batch["errors"]) if batch["end"] else 0))
             if batch["end"]:
-                writes.append(writer.submit(commit_shard, out, pending.pop(batch["shard"]), batch, fingerprint))
-                committed += _drain(writes, keep=4)
-                if committed:
-                    crash_point("after-chunk", ctx.rank)
+                writes.append(writer.submit(_commit, out, pending.pop(batch["shard"]), batch, fingerprint, ctx.rank))
+                _drain(writes, keep=4)
             timing["write_wait_s"] += time.perf_counter() - t1
             t_wait = time.perf_counter()
         t1 = time.perf_counter()
@@ -242,13 +239,16 @@ def _on_device(batch: dict, device: torch.device, transform: TransformConfig, ro
     return images, keep
 
 
-def _drain(writes: list[Future], keep: int) -> int:
+def _commit(out: Location, rows: ShardRows, end: dict, fingerprint: str, rank: int) -> dict:
+    record = commit_shard(out, rows, end, fingerprint)
+    crash_point("after-chunk", rank)  # test-only: dies here once the first chunk is committed
+    return record
+
+
+def _drain(writes: list[Future], keep: int) -> None:
     """Wait for commits until at most `keep` are in flight; a failed write stops the run."""
-    done = 0
     while writes and (len(writes) > keep or writes[0].done()):
         writes.pop(0).result()
-        done += 1
-    return done
 
 
 def _worker_init(_: int) -> None:
