@@ -23,16 +23,20 @@ def open_lazy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return im
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short_side: int | None = None) -> Image.Image:
-    """Open and load the first frame; raises on damaged or oversized data.
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and load the first frame; raises on damaged or oversized data."""
+    return load_first_frame(open_lazy(data, max_pixels))
+
+
+def load_first_frame(im: Image.Image, draft_short_side: int | None = None) -> Image.Image:
+    """Decode a lazily opened image's first frame (animated GIF, multi-page TIFF).
 
     With `draft_short_side`, a JPEG at least twice that size is decoded by libjpeg at 1/2, 1/4 or
     1/8 scale, never below it: most of the decode and resize work is skipped."""
-    im = open_lazy(data, max_pixels)
     if draft_short_side and im.format == "JPEG" and min(im.size) >= 2 * draft_short_side:
         scale = min(im.size) / draft_short_side
         im.draft(im.mode, (int(im.width / scale) + 1, int(im.height / scale) + 1))
-    im.seek(0)  # animated GIF / multi-page TIFF: the first frame
+    im.seek(0)
     im.load()
     return im
 

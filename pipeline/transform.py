@@ -20,7 +20,8 @@ import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from pipeline.decode import ORIENTATION_TRANSPOSE, open_image, open_lazy, orientation, to_rgb, upright
+from pipeline.decode import (ORIENTATION_TRANSPOSE, load_first_frame, open_image, open_lazy, orientation, to_rgb,
+                             upright)
 
 try:
     import simplejpeg
@@ -67,12 +68,7 @@ def decode_fast(data: bytes, target_short: int) -> tuple[np.ndarray, tuple[int, 
         pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=target_short if reduce else 0,
                                         min_width=target_short if reduce else 0, min_factor=2 if reduce else 1)
     else:
-        if reduce and im.format == "JPEG":
-            scale = min(full) / target_short
-            im.draft(im.mode, (int(full[0] / scale) + 1, int(full[1] / scale) + 1))
-        im.seek(0)
-        im.load()
-        pixels = np.asarray(to_rgb(im))
+        pixels = np.asarray(to_rgb(load_first_frame(im, target_short)))
     if rotation in ORIENTATION_TRANSPOSE:
         pixels = np.asarray(Image.fromarray(pixels).transpose(ORIENTATION_TRANSPOSE[rotation]))
         if rotation >= 5:
