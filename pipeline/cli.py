@@ -9,6 +9,7 @@ import sys
 import time
 
 from pipeline import __version__
+from pipeline.cpu import prefer_sleeping_threads
 from pipeline.errors import EXIT_ABORTED, UserError
 from pipeline.units import parse_bytes
 
@@ -80,6 +81,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_sleeping_threads()  # before torch is imported
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="featpipe: %(message)s", stream=sys.stderr)

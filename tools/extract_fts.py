@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.cli import default_workers  # noqa: E402
+from pipeline.cpu import prefer_sleeping_threads  # noqa: E402
 from pipeline.errors import EXIT_ABORTED, UserError  # noqa: E402
 
 
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_sleeping_threads()  # before torch is imported
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="extract_fts: %(message)s")
     from pipeline.consolidate import OutputNames
