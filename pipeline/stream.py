@@ -98,8 +98,11 @@ def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[torch.Tens
 
 def _batch(shard: ShardRef, items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]], cfg: TransformConfig,
            report: ShardReport | None) -> dict:
-    """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills."""
-    images = torch.zeros((len(items), 3, cfg.crop_size, cfg.crop_size), dtype=torch.uint8)
+    """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills.
+    Channels-last, the layout the decoder and the resize produce: stacking is then a plain copy
+    (a planar batch cost ~0.2 ms per image in the worker); the device makes it planar."""
+    fill = torch.zeros if any(isinstance(c, DeviceJpeg) for _, c in items) else torch.empty
+    images = fill((len(items), cfg.crop_size, cfg.crop_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     jpegs = []
     for i, (_, c) in enumerate(items):
         if isinstance(c, DeviceJpeg):

@@ -99,8 +99,9 @@ def resize_crop_tensor(im: torch.Tensor, cfg: TransformConfig, full_size: tuple[
 
 
 class Normalizer:
-    """uint8 (B,3,H,W) on the device → float, scaled and standardised like ToTensor + Normalize,
-    folded into one multiply and one subtract: (x/255 - mean)/std = x·(1/(255·std)) - mean/std."""
+    """uint8 (B,3,H,W) in any layout on the device → planar float, scaled and standardised like
+    ToTensor + Normalize, folded into one multiply and one subtract:
+    (x/255 - mean)/std = x·(1/(255·std)) - mean/std."""
 
     def __init__(self, device: torch.device):
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
@@ -109,4 +110,6 @@ class Normalizer:
         self.shift = (mean / std).float().to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().mul_(self.scale).sub_(self.shift)
+        # planar first, on the uint8 bytes: models get the layout they expect, and the float
+        # arithmetic is several times faster on a planar tensor than on a channels-last one
+        return x.contiguous().float().mul_(self.scale).sub_(self.shift)
