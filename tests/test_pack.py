@@ -96,6 +96,21 @@ def test_deterministic_whatever_the_workers(sample_dir, tmp_path):
             assert (m.mtime, m.uid, m.gid, m.mode, m.uname, m.gname) == (0, 0, 0, 0o444, "", "")
 
 
+def test_shard_bytes_are_what_tarfile_writes(sample_dir, tmp_path):
+    """The hand-written ustar headers against Python's tarfile, member by member."""
+    run_cli("pack", sample_dir, tmp_path / "a", "--shard-size", "7")
+    for shard in sorted((tmp_path / "a").glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        ref = io.BytesIO()
+        with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+                tar.addfile(info, io.BytesIO(data))
+        assert shard.read_bytes() == ref.getvalue(), shard.name
+
+
 def test_max_shard_bytes_starts_new_shards(sample_dir, tmp_path):
     result = run_pack(PackConfig(src=str(sample_dir), dest=str(tmp_path / "s"), max_shard_bytes=500_000,
                                  progress=False))
