@@ -20,6 +20,7 @@ from pipeline.cpu import model_threads
 from pipeline.errors import EXIT_FAILURES, EXIT_OK, UserError
 from pipeline.faults import crash_point
 from pipeline.model import ModelConfig, check as check_model, check_output, load_model
+from pipeline.runner import ModelRunner, autocast
 from pipeline.runinfo import RUN_FILE, check_compatible, make_run, write_run
 from pipeline.shardlist import ShardRef, folder_as_shards, resolve_shards
 from pipeline.storage import Location, commit_json, ensure_writable, locate, remove_stale_temps
@@ -47,6 +48,7 @@ class ExtractConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     barrier_timeout_s: float = 6 * 3600
     consolidate: bool = True
+    compile: bool = False  # torch.compile the model: a slow start, then faster batches
 
 
 @dataclass
@@ -146,7 +148,7 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | 
     for layout in (torch.channels_last, torch.contiguous_format):
         model = model.to(memory_format=layout)
         try:
-            with torch.inference_mode(), _autocast(device, amp):
+            with torch.inference_mode(), autocast(device, amp):
                 out = model(Normalizer(device)(probe))
             break
         except Exception as exc:
@@ -157,10 +159,6 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | 
     log.debug("model weights %s", "channels-last" if layout is torch.channels_last else "planar")
     check_output(out, 2)
     return model, int(out.shape[1])
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
-    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def _prepare_out(out: Location, run, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
@@ -192,14 +190,14 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
     loader = DataLoader(ShardStream(todo, cfg.transform, cfg.batch_size, cfg.read), batch_size=None,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None, worker_init_fn=_worker_init)
-    normalize = Normalizer(device)
+    runner = ModelRunner(model, device, amp, cfg.batch_size, cfg.compile)
     total = sum(s.expected for s in todo) if all(s.expected is not None for s in todo) else None
     bar = tqdm(total=total, unit="img", desc=f"extract[{ctx.rank}]" if ctx.active else "extract",
                disable=not cfg.progress, dynamic_ncols=True)
     pending: dict[str, ShardRows] = {}
     writes: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featpipe-writer") as writer:
-        t_wait = time.perf_counter()
+        t_wait = t_start = time.perf_counter()
         for batch in loader:
             t0 = time.perf_counter()
             timing["wait_data_s"] += t0 - t_wait
@@ -207,8 +205,7 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
             images, keep = _on_device(batch, device, cfg.transform, rows)
             n = len(keep)
             if n:
-                with torch.inference_mode(), _autocast(device, amp):
-                    feats = model(normalize(images))
+                feats = runner(images)
                 check_output(feats, n)
                 rows.add([batch["keys"][i] for i in keep], [batch["paths"][i] for i in keep],
                          [batch["indices"][i] for i in keep], feats.float().cpu().numpy())
@@ -221,10 +218,13 @@ def _embed(todo: list[ShardRef], model: torch.nn.Module, cfg: ExtractConfig, dev
                 _drain(writes, keep=4)
             timing["write_wait_s"] += time.perf_counter() - t1
             t_wait = time.perf_counter()
+            if "first_batch_s" not in timing and n:  # start-up: the first data, warm-up, compilation
+                timing["first_batch_s"], timing["first_batch_images"] = t_wait - t_start, n
         t1 = time.perf_counter()
         _drain(writes, keep=0)
         timing["write_wait_s"] += time.perf_counter() - t1
     bar.close()
+    timing["compiled"] = runner.is_compiled
     return timing
 
 
@@ -274,10 +274,18 @@ def _stats(cfg: ExtractConfig, device: torch.device, precision: str, dim: int, t
              "images_per_s": round(timing["images"] / seconds, 2) if seconds else None,
              # the streaming phase alone: no start-up, model loading or consolidation
              "streaming_images_per_s": round(timing["images"] / streaming, 2) if streaming else None,
+             # and without its first batch (worker start, warm-up, compilation)
+             "steady_images_per_s": _rate(timing["images"] - timing.get("first_batch_images", 0),
+                                          streaming - timing.get("first_batch_s", 0.0)),
+             "compiled": timing.get("compiled", False),
              "stage_seconds": {k: round(v, 3) for k, v in timing.items() if k.endswith("_s")}}
     if result is not None:
         stats.update(rows=result.rows, errors=result.errors, failed_shards=result.failed_shards)
     return stats
+
+
+def _rate(images: int, seconds: float) -> float | None:
+    return round(images / seconds, 2) if images > 0 and seconds > 0 else None
 
 
 def summary(stats: dict, out: str, names: OutputNames) -> str:

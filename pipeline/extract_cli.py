@@ -20,6 +20,9 @@ def add_extract_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype; auto = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: a minute or more of compiling at start, faster batches after "
+                        "(for long runs; falls back to eager if compiling fails)")
     p.add_argument("--overwrite", action="store_true", help="replace features made earlier in OUT")
     p.add_argument("--retries", type=_non_negative, default=3, help="retries of a shard after a transient read error")
     p.add_argument("--barrier-timeout", type=_positive, default=6 * 3600, metavar="SECONDS",
@@ -98,7 +101,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = extract_config(args, workers=args.workers, device=args.device, precision=args.precision,
                          overwrite=args.overwrite, progress=not args.no_progress, read=ReadConfig(retries=args.retries),
-                         barrier_timeout_s=args.barrier_timeout, consolidate=not args.no_consolidate)
+                         barrier_timeout_s=args.barrier_timeout, consolidate=not args.no_consolidate,
+                         compile=args.compile)
     result = run_extract(cfg)
     print(summary(result.stats, args.out.rstrip("/"), cfg.names))
     return result.exit_code

@@ -162,6 +162,19 @@ def test_other_settings_refused_then_overwrite(shards, tmp_path):
     assert pq.read_table(next((out / "chunks").glob("*.parquet"))).schema.field("embedding").type.list_size == 64
 
 
+def test_compiled_model_gives_the_same_features(shards, tmp_path):
+    # batches of 3 over shards of 4: every shard ends in a short batch, padded for the compiled graph
+    tiny = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--batch-size", "3", "--workers", "1"]
+    run_cli("extract", shards, tmp_path / "eager", *tiny, check=False)
+    run_cli("extract", shards, tmp_path / "compiled", *tiny, "--compile", check=False)
+    eager, compiled = (torch.load(tmp_path / d / "fts.pth", weights_only=True) for d in ("eager", "compiled"))
+    assert tuple(compiled.shape) == tuple(eager.shape) == (30, 64)
+    assert cosines(compiled, eager).min() >= 0.99999
+    assert (tmp_path / "compiled" / "img_list.json").read_text() == (tmp_path / "eager" / "img_list.json").read_text()
+    stats = json.loads((tmp_path / "compiled" / "stats.json").read_text())
+    assert stats["compiled"] is True and stats["steady_images_per_s"] > 0
+
+
 def test_brace_pattern_and_list_file(shards, extracted, tmp_path):
     ref_out, _ = extracted
     n = len(list(shards.glob("shard-*.tar")))
