@@ -18,9 +18,13 @@ def open_lazy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(io.BytesIO(data))
-    if im.width * im.height > max_pixels:
-        raise ValueError(f"{im.width}x{im.height} pixels, over the limit of {max_pixels}")
+    check_pixels(im.width, im.height, max_pixels)
     return im
+
+
+def check_pixels(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    if width * height > max_pixels:
+        raise ValueError(f"{width}x{height} pixels, over the limit of {max_pixels}")
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

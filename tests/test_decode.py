@@ -10,11 +10,31 @@ import torch
 from PIL import Image
 
 from conftest import VALID
-from pipeline.decode import ORIENTATION_TRANSPOSE
+from pipeline.decode import ORIENTATION_TRANSPOSE, orientation
 from pipeline.devicedecode import DeviceJpeg, _orient, decode_on_device, device_decodable
+from pipeline.jpeghead import read_header
 from pipeline.transform import TransformConfig, crop_uint8
 
 EXACT, FAST, DEVICE = (TransformConfig(mode=m) for m in ("exact", "fast", "device"))
+
+
+def test_jpeg_header_reader_agrees_with_pillow():
+    """Size, layers and EXIF orientation from the segment headers, against Pillow's parser, on
+    every sample (rotated, progressive, CMYK, gray, truncated, not a JPEG at all…)."""
+    from conftest import BROKEN
+
+    read = 0
+    for rel, data in {**VALID, **BROKEN}.items():
+        head = read_header(data)
+        if head is None:
+            continue
+        read += 1
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "JPEG", rel
+            assert (head.width, head.height) == im.size, rel
+            assert {1: "L", 3: "RGB", 4: "CMYK"}[head.layers] == im.mode, rel
+            assert head.orientation == orientation(im), rel
+    assert read >= 8  # the fast path is taken, not skipped
 
 
 @pytest.mark.parametrize("rotation", sorted(ORIENTATION_TRANSPOSE))
