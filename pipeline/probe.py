@@ -71,4 +71,3 @@ def _check_size(info: ImageInfo, max_pixels: int) -> None:
         raise BadImage(f"header claims an empty image ({info.width}x{info.height})")
     if info.width * info.height > max_pixels:
         raise BadImage(f"header claims {info.width}x{info.height} pixels, over the limit of {max_pixels}")
-
