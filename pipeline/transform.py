@@ -79,7 +79,8 @@ def decode_fast(data: bytes, target_short: int) -> tuple[np.ndarray, tuple[int, 
         pixels = np.asarray(Image.fromarray(pixels).transpose(ORIENTATION_TRANSPOSE[rotation]))
         if rotation >= 5:
             full = (full[1], full[0])
-    return pixels, full
+    # Pillow lends read-only buffers, which torch warns about; simplejpeg's arrays are writable
+    return (pixels if pixels.flags.writeable else pixels.copy()), full
 
 
 def resized_geometry(w: int, h: int, cfg: TransformConfig) -> tuple[int, int, int, int]:
