@@ -21,9 +21,9 @@ class ModelRunner:
     otherwise cost a second compilation); if compiling fails, the run goes on eagerly."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int,
-                 compile: bool = False):
+                 channels_last: bool = False, compile: bool = False):
         self.model, self.device, self.amp, self.batch_size = model, device, amp, batch_size
-        self.normalize = Normalizer(device)
+        self.normalize = Normalizer(device, channels_last)
         self.compiled = torch.compile(model, dynamic=False) if compile else None
         self._compiled_ran = False
 
@@ -38,7 +38,9 @@ class ModelRunner:
                 return self.model(x)
             n = x.shape[0]
             if n < self.batch_size:
-                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+                pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
+                x = torch.cat([x, pad.contiguous(memory_format=torch.channels_last) if self.normalize.channels_last
+                               else pad])
             try:
                 out = self.compiled(x)
             except Exception as exc:

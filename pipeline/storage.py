@@ -58,13 +58,22 @@ def ensure_writable(loc: Location) -> None:
     probe = loc.join(f".featpipe-write-test-{uuid.uuid4().hex}")
     created = loc.is_local and not os.path.isdir(loc.path)
     try:
-        loc.fs.makedirs(loc.path, exist_ok=True)
-        loc.fs.pipe_file(probe, b"")
+        for attempt in range(5):
+            try:
+                loc.fs.makedirs(loc.path, exist_ok=True)
+                loc.fs.pipe_file(probe, b"")
+                break
+            except (FileExistsError, FileNotFoundError):  # another rank makes or removes the folder now
+                if attempt == 4:
+                    raise
         loc.fs.rm_file(probe)
-        if created:  # leave no trace until real output exists: a later check may still fail
-            os.rmdir(loc.path)
     except Exception as exc:  # every backend raises its own type
         raise UserError(f"cannot write to {loc.url()}: {exc}") from None
+    if created:  # leave no trace until real output exists: a later check may still fail
+        try:
+            os.rmdir(loc.path)
+        except OSError:  # not empty: another rank (torchrun) is checking or writing there too
+            pass
 
 
 def _umask() -> int:

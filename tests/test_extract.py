@@ -218,6 +218,27 @@ def test_s3_shards_and_output(sample_dir, extracted, s3, s3_server, tmp_path):
     assert run_cli("verify", f"s3://{bucket}/out", env=s3_server).returncode == 0
 
 
+def test_model_that_cannot_run_channels_last_runs_planar(shards, tmp_path):
+    hub = tmp_path / "hubview"
+    hub.mkdir()
+    (hub / "hubconf.py").write_text(
+        "dependencies = ['torch']\nimport torch\n\n"
+        "class Flat(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(3, 4, 16, stride=16)\n\n"
+        "    def forward(self, x):\n"
+        "        y = self.conv(x)\n"
+        "        return y.view(y.shape[0], -1)  # a view that needs a planar convolution output\n\n"
+        "def flat(pretrained=False):\n"
+        "    torch.manual_seed(0)\n"
+        "    return Flat()\n")
+    proc = run_cli("extract", shards, tmp_path / "o", "--model-repo", hub, "--model-name", "flat", "-v", check=False)
+    assert proc.returncode == 3, proc.stderr  # completed; the truncated JPEG recorded
+    assert "model runs planar" in proc.stderr
+    assert np.load(tmp_path / "o" / "fts.npy").shape == (30, 4 * 14 * 14)
+
+
 def _bad_4d_hub(tmp_path: Path) -> str:
     hub = tmp_path / "hub4d"
     hub.mkdir()
