@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.decode import open_lazy, orientation
+from pipeline.decode import sniff
 from pipeline.transform import TransformConfig, resize_crop_tensor
 
 
@@ -30,8 +30,8 @@ def device_decodable(data: bytes) -> tuple[bool, int]:
     """Plain (YCbCr or gray) baseline/progressive JPEGs go to the device; CMYK and the rest do not."""
     if data[:2] != b"\xff\xd8":
         return False, 1
-    im = open_lazy(data)
-    return (im.format == "JPEG" and im.mode in ("RGB", "L")), orientation(im)
+    head = sniff(data)
+    return head.plain_jpeg, head.orientation
 
 
 def decode_on_device(jpegs: list[DeviceJpeg], device: torch.device, cfg: TransformConfig
