@@ -10,7 +10,7 @@ MODEL_NAME ?= dinov2_vits14
 PACK_FLAGS ?=
 EXTRACT_FLAGS ?=
 
-.PHONY: install test shards extract consolidate verify demo bench clean
+.PHONY: install test lint shards extract consolidate verify demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check pipeline tools tests
+	$(BIN)/ruff format --check pipeline tools tests
 
 shards: install
 	$(BIN)/featpipe pack "$(DATA)" "$(SHARDS)" $(PACK_FLAGS)

@@ -1,8 +1,17 @@
-"""How the model process uses the CPU cores it shares with the decoding workers."""
+"""How featpipe uses the CPU cores: worker counts, and the model's threads beside the workers."""
 
 from __future__ import annotations
 
 import os
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def default_workers() -> int:
+    """Decode or pack processes when --workers is not given: one per core, at most 8."""
+    return max(1, min(8, cores()))
 
 
 def prefer_sleeping_threads() -> None:
@@ -16,6 +25,5 @@ def prefer_sleeping_threads() -> None:
 def model_threads() -> int:
     """Every core when idle threads sleep; half when they spin, or they starve the workers. Never
     derived from --workers, so the float reductions, and the output bytes, do not depend on it."""
-    cores = len(os.sched_getaffinity(0))
     sleeping = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-    return cores if sleeping else max(1, cores // 2)
+    return cores() if sleeping else max(1, cores() // 2)

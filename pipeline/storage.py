@@ -34,9 +34,6 @@ class Location:
     def join(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])
 
-    def child(self, *parts: str) -> "Location":
-        return Location(self.fs, self.join(*parts))
-
     def url(self, path: str | None = None) -> str:
         """The path as a user recognises it: a plain path locally, protocol://… remotely."""
         p = self.path if path is None else path
@@ -138,20 +135,17 @@ def commit_file(fs: fsspec.AbstractFileSystem, staged: str, final_path: str) -> 
         _remove_quietly(staged)
 
 
-def remove_stale_temps(loc: Location, *subdirs: str) -> int:
+def remove_stale_temps(loc: Location, *subdirs: str) -> None:
     """Temporary files a killed run left behind (local folders only: object stores have none).
     Call only while no other process writes there."""
     if not loc.is_local:
-        return 0
-    removed = 0
+        return
     for sub in ("", *subdirs):
         folder = os.path.join(loc.path, sub)
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 if name.startswith(".tmp-"):
                     _remove_quietly(os.path.join(folder, name))
-                    removed += 1
-    return removed
 
 
 def _remove_quietly(path: str) -> None:

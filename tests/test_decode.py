@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from conftest import VALID
-from pipeline.decode import ORIENTATION_TRANSPOSE, orientation
-from pipeline.devicedecode import DeviceJpeg, _orient, decode_on_device, device_decodable
-from pipeline.jpeghead import read_header
-from pipeline.transform import TransformConfig, crop_uint8
+from pipeline.image.decode import ORIENTATION_TRANSPOSE
+from pipeline.image.header import orientation
+from pipeline.image.device import DeviceJpeg, _orient, decode_on_device, device_decodable
+from pipeline.image.jpeghead import read_header
+from pipeline.image.transform import TransformConfig, crop_uint8
 
 EXACT, FAST, DEVICE = (TransformConfig(mode=m) for m in ("exact", "fast", "device"))
 

@@ -36,12 +36,13 @@ def extracted(shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProce
     return out, proc
 
 
-def reference_features(paths: list[str], flip: bool = False) -> torch.Tensor:
+def reference_features(paths: list[str], flip: bool = False, keep_ratio: bool = True) -> torch.Tensor:
     """The original script's way: PIL open → EXIF transpose → RGB → torchvision float transforms."""
     from PIL import Image, ImageOps
     from torchvision import transforms as T
 
-    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+    size = 256 if keep_ratio else (256, 256)
+    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     model = torch.hub.load(HUB, "vit_tiny_p14", source="local").eval()
     batch = []
@@ -202,6 +203,22 @@ def test_seed_compatible_script(sample_dir, tmp_path):
     assert cosines(feats, reference_features(img_list)).min() >= 0.99999  # exact preprocessing
     errors = {Path(json.loads(ln)["path"]).name for ln in (out / "errors.jsonl").read_text().splitlines()}
     assert errors == {Path(p).name for p in BROKEN}
+
+
+def test_seed_script_without_keep_ratio_resizes_to_a_square_like_the_original(sample_dir, tmp_path):
+    """The original declares --keep_ratio store_true: its own README example means square resizing."""
+    out = tmp_path / "seed-square"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "extract_fts.py"), "--data_dir", str(sample_dir),
+                           "--output_dir", str(out), "--model_repo", HUB, "--model_name", "vit_tiny_p14",
+                           "--num_workers", "1"], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+    img_list = json.loads((out / "img_list.json").read_text())
+    feats = torch.load(out / "fts.pth", weights_only=True)
+    square = cosines(feats, reference_features(img_list, keep_ratio=False))
+    assert square.min() >= 0.9999, dict(zip(img_list, square))
+    # and the check can fail: the aspect-keeping transform gives other features on non-square photos
+    assert cosines(feats, reference_features(img_list)).min() < 0.9999
+    assert json.loads((out / "run.json").read_text())["settings"]["transform"]["keep_ratio"] is False
 
 
 def test_s3_shards_and_output(sample_dir, extracted, s3, s3_server, tmp_path):

@@ -16,7 +16,7 @@ import webdataset as wds
 
 from conftest import BROKEN, VALID, run_cli
 from pipeline.errors import UserError
-from pipeline.pack import PackConfig, run_pack
+from pipeline.pack.packer import PackConfig, run_pack
 
 
 def read_shards(folder: Path) -> list[dict]:

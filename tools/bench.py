@@ -139,9 +139,9 @@ def data_path(folder: Path, shards: Path, batch: int) -> dict:
     """Images/s on one core: each method in this process, torch limited to one thread."""
     import simplejpeg
 
-    from pipeline.shardlist import resolve_shards
-    from pipeline.stream import ShardStream
-    from pipeline.transform import TransformConfig
+    from pipeline.extract.inputs import resolve_shards
+    from pipeline.extract.dataset import ShardStream
+    from pipeline.image.transform import TransformConfig
 
     torch.set_num_threads(1)
     files = sorted(folder.glob("*.jpg"))
@@ -171,7 +171,7 @@ def data_path(folder: Path, shards: Path, batch: int) -> dict:
 
 
 def fidelity(folder: Path) -> dict:
-    from pipeline.transform import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, crop_uint8
+    from pipeline.image.transform import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, crop_uint8
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = torch.hub.load(HUB, "vit_tiny_p14", source="local").eval()

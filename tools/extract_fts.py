@@ -1,28 +1,27 @@
 #!/usr/bin/env python3
-"""The original extract_fts.py's command line, on featpipe's streaming engine.
+"""The original extract_fts.py's command line, translated to `featpipe extract`.
 
     python tools/extract_fts.py --data_dir IMAGES --output_dir OUT [--batch_size 256]
         [--model_repo facebookresearch/dinov2] [--model_name dinov2_vits14] [--resize_size 256]
-        [--keep_ratio [true|false]] [--crop_size 224] [--torch_features fts.pth]
+        [--keep_ratio] [--crop_size 224] [--torch_features fts.pth]
         [--numpy_features fts.npy] [--img_list img_list.json] [--verbose]
 
-The image folder is streamed directly (no pack step) with the original Pillow preprocessing
-(`--decode exact`), and OUT gets the same three files plus errors.jsonl (images that could not be
-decoded, with the reason) and the resumable chunks/ folder.
+As in the original, images are resized to a RESIZE_SIZE square unless --keep_ratio is given (which
+also takes an explicit true/false). The image folder is streamed directly (no pack step) with the
+original Pillow preprocessing (`--decode exact`), and OUT gets the same three files plus
+errors.jsonl (images that could not be decoded, with the reason) and the resumable chunks/ folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.cli import default_workers  # noqa: E402
-from pipeline.cpu import prefer_sleeping_threads  # noqa: E402
-from pipeline.errors import EXIT_ABORTED, UserError  # noqa: E402
+from pipeline.cli import main as featpipe  # noqa: E402
+from pipeline.cpu import default_workers  # noqa: E402
 
 
 def _bool(text: str) -> bool:
@@ -42,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model_repo", default="facebookresearch/dinov2")
     ap.add_argument("--model_name", default="dinov2_vits14")
     ap.add_argument("--resize_size", type=int, default=256)
-    ap.add_argument("--keep_ratio", type=_bool, nargs="?", const=True, default=True)
+    # The original's store_true: without the flag, a RESIZE_SIZE square.
+    ap.add_argument("--keep_ratio", type=_bool, nargs="?", const=True, default=False)
     ap.add_argument("--crop_size", type=int, default=224)
     ap.add_argument("--torch_features", default="fts.pth")
     ap.add_argument("--numpy_features", default="fts.npy")
@@ -50,34 +50,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--num_workers", type=int, default=default_workers(), help="featpipe addition: decode workers")
     ap.add_argument("--device", default="auto", help="featpipe addition: auto, cpu, cuda")
-    ap.add_argument("--group_size", type=int, default=1000,
-                    help="featpipe addition: images per resumable chunk")
+    ap.add_argument("--group_size", type=int, default=1000, help="featpipe addition: images per resumable chunk")
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    prefer_sleeping_threads()  # before torch is imported
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="extract_fts: %(message)s")
-    from pipeline.consolidate import OutputNames
-    from pipeline.extract import ExtractConfig, run_extract, summary
-    from pipeline.model import ModelConfig
-    from pipeline.transform import TransformConfig
+def featpipe_argv(args: argparse.Namespace) -> list[str]:
+    """The same job as `featpipe extract` flags."""
+    return ["extract", args.data_dir, args.output_dir, "--decode", "exact",
+            "--model-repo", args.model_repo, "--model-name", args.model_name,
+            "--batch-size", str(args.batch_size), "--resize-size", str(args.resize_size),
+            "--keep-ratio" if args.keep_ratio else "--no-keep-ratio", "--crop-size", str(args.crop_size),
+            "--torch-features", args.torch_features, "--numpy-features", args.numpy_features,
+            "--img-list", args.img_list, "--workers", str(args.num_workers), "--device", args.device,
+            "--group-size", str(args.group_size), *(["--verbose"] if args.verbose else [])]
 
-    names = OutputNames(args.torch_features, args.numpy_features, args.img_list)
-    cfg = ExtractConfig(
-        shards=args.data_dir, out=args.output_dir,
-        model=ModelConfig(args.model_repo, args.model_name),
-        transform=TransformConfig(args.resize_size, args.crop_size, args.keep_ratio, "exact"),
-        batch_size=args.batch_size, workers=args.num_workers, device=args.device, names=names,
-        progress=True, folder_group_size=args.group_size)
-    try:
-        result = run_extract(cfg)
-    except UserError as exc:
-        print(f"extract_fts: error: {exc}", file=sys.stderr)
-        return EXIT_ABORTED
-    print(summary(result.stats, args.output_dir.rstrip("/"), names))
-    return result.exit_code
+
+def main(argv: list[str] | None = None) -> int:
+    return featpipe(featpipe_argv(parse_args(argv)), prog="extract_fts")
 
 
 if __name__ == "__main__":

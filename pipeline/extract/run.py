@@ -6,27 +6,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from pipeline import dist
-from pipeline.devicedecode import decode_on_device
-from pipeline.consolidate import Consolidated, OutputNames, consolidate
 from pipeline.cpu import model_threads
-from pipeline.errors import EXIT_FAILURES, EXIT_OK, UserError
-from pipeline.faults import crash_point
-from pipeline.model import ModelConfig, check as check_model, check_output, load_model
-from pipeline.runner import ModelRunner
-from pipeline.runinfo import RUN_FILE, check_compatible, make_run, write_run
-from pipeline.shardlist import ShardRef, folder_as_shards, resolve_shards
+from pipeline.errors import EXIT_FAILURES, EXIT_OK, SampleError, UserError, first_line
+from pipeline.extract.commit import ChunkCommitter
+from pipeline.extract.consolidate import Consolidated, consolidate
+from pipeline.extract.dataset import Batch, ShardStream
+from pipeline.extract.inputs import DEFAULT_GROUP_SIZE, ShardRef, resolve_shards
+from pipeline.extract.model import ModelConfig, check as check_model, check_output, load_model
+from pipeline.extract.reader import ReadConfig
+from pipeline.extract.runner import ModelRunner
+from pipeline.extract.timing import StageTimer
+from pipeline.image.device import decode_on_device
+from pipeline.image.transform import TransformConfig
+from pipeline.outdir import (CHUNKS, DONE, STATS_FILE, OutputNames, RunInfo, ShardEntry, check_compatible, clear,
+                             finished, write_run)
 from pipeline.storage import Location, commit_json, ensure_writable, locate, remove_stale_temps
-from pipeline.stream import ReadConfig, ShardStream
-from pipeline.transform import TransformConfig
-from pipeline.writer import CHUNKS, DONE, ShardRows, commit_shard, finished
 
 log = logging.getLogger("featpipe")
 
@@ -44,7 +45,7 @@ class ExtractConfig:
     overwrite: bool = False
     names: OutputNames = field(default_factory=OutputNames)
     progress: bool = True
-    folder_group_size: int | None = None  # set: SHARDS is a plain image folder, streamed directly
+    group_size: int = DEFAULT_GROUP_SIZE  # images per chunk when SHARDS is a plain image folder
     read: ReadConfig = field(default_factory=ReadConfig)
     barrier_timeout_s: float = 6 * 3600
     consolidate: bool = True
@@ -98,14 +99,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     device = pick_device(cfg.device, ctx.local_rank)
     amp = pick_precision(cfg.precision, device)
     check_model(cfg.model)
-    shards = (folder_as_shards(cfg.shards, cfg.folder_group_size) if cfg.folder_group_size
-              else resolve_shards(cfg.shards))
+    shards = resolve_shards(cfg.shards, cfg.group_size)
     out = locate(cfg.out)
     ensure_writable(out)
     model, dim, channels_last = _prepare_model(cfg, device, amp)
     precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
-    settings = {"model": cfg.model.fingerprint(), "transform": cfg.transform.fingerprint(), "precision": precision_name}
-    run = make_run(settings, shards, dim)
+    run = _make_run(cfg, precision_name, shards, dim)
     if device.type == "cpu" and cfg.device == "auto":
         log.warning("no CUDA device: running on the CPU")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -121,22 +120,29 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         todo = [s for s in mine if s.name not in done]
         log.info("%d of this rank's %d shards to do (%d already finished)", len(todo), len(mine), len(mine) - len(todo))
         runner = ModelRunner(model, device, amp, cfg.batch_size, channels_last, cfg.compile)
-        timing = _embed(todo, runner, cfg, device, out, run.fingerprint, ctx)
+        timer = _embed(todo, runner, cfg, device, out, run.fingerprint, ctx)
         dist.barrier(ctx)
-        result = None
+        result, consolidate_s = None, None
         if ctx.is_main and cfg.consolidate:
             t0 = time.perf_counter()
             result = consolidate(out, run, cfg.names)
-            timing["consolidate_s"] = time.perf_counter() - t0
+            consolidate_s = time.perf_counter() - t0
     finally:
         dist.shutdown(ctx)
-    stats = _stats(cfg, device, precision_name, dim, timing, result, time.perf_counter() - t_start, ctx)
+    stats = _stats(cfg, device, precision_name, dim, timer, consolidate_s, result, time.perf_counter() - t_start, ctx)
     if ctx.is_main:
-        commit_json(out.fs, out.join("stats.json"), stats)
+        commit_json(out.fs, out.join(STATS_FILE), stats)
     failed = result is not None and (result.errors > 0 or result.failed_shards)
     # Under torchrun a non-zero rank status would make the launcher restart the job; failures are
     # recorded in OUT and reported by the summary and `featpipe verify` instead.
     return ExtractResult(stats, EXIT_FAILURES if failed and not ctx.active else EXIT_OK)
+
+
+def _make_run(cfg: ExtractConfig, precision: str, shards: list[ShardRef], dim: int) -> RunInfo:
+    settings = {"model": cfg.model.fingerprint(), "transform": cfg.transform.fingerprint(), "precision": precision}
+    # What a later `featpipe query` needs to embed a new image the same way (not part of the fingerprint).
+    source = {"model": cfg.model.source(), "transform": cfg.transform.fingerprint(), "precision": precision}
+    return RunInfo(settings, [ShardEntry(s.name, s.url, s.expected) for s in shards], dim, {"embedder": source})
 
 
 def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
@@ -157,17 +163,17 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | 
             failure = exc
     else:
         raise UserError(f"model {cfg.model.name} failed on a {tuple(probe.shape)} batch: "
-                        f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}")
+                        f"{type(failure).__name__}: {first_line(failure)}")
     log.debug("model runs %s", "channels-last" if channels_last else "planar")
     check_output(out, 2)
     return model, int(out.shape[1]), channels_last
 
 
-def _prepare_out(out: Location, run, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
+def _prepare_out(out: Location, run: RunInfo, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
     if ctx.is_main:
         remove_stale_temps(out, CHUNKS, DONE)  # the other ranks wait at the barrier below
         if cfg.overwrite:
-            _clear(out, cfg.names)
+            clear(out, cfg.names)
         if not check_compatible(out, run):
             write_run(out, run)
     dist.barrier(ctx)
@@ -175,104 +181,70 @@ def _prepare_out(out: Location, run, cfg: ExtractConfig, ctx: dist.DistContext) 
         check_compatible(out, run)
 
 
-def _clear(out: Location, names: OutputNames) -> None:
-    fs = out.fs
-    for p in (CHUNKS, DONE, RUN_FILE, "stats.json", names.numpy_features, names.torch_features, names.img_list,
-              names.errors):
-        if fs.exists(out.join(p)):
-            fs.rm(out.join(p), recursive=True)
-
-
 def _embed(todo: list[ShardRef], runner: ModelRunner, cfg: ExtractConfig, device: torch.device, out: Location,
-           fingerprint: str, ctx: dist.DistContext) -> dict:
-    timing = {"wait_data_s": 0.0, "model_s": 0.0, "write_wait_s": 0.0, "images": 0, "shards": len(todo)}
+           fingerprint: str, ctx: dist.DistContext) -> StageTimer:
+    """Batches through the model, rows to the committer. Each batch's features are read back only
+    after the next batch is queued on the device: reading them waits for the device, which then
+    has the next batch to work on instead of idling while this process fetches it."""
+    timer = StageTimer(len(todo))
     if not todo:
-        return timing
-    workers = min(cfg.workers, len(todo))
-    loader = DataLoader(ShardStream(todo, cfg.transform, cfg.batch_size, cfg.read), batch_size=None,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None, worker_init_fn=_worker_init)
-    total = sum(s.expected for s in todo) if all(s.expected is not None for s in todo) else None
-    bar = tqdm(total=total, unit="img", desc=f"extract[{ctx.rank}]" if ctx.active else "extract",
-               disable=not cfg.progress, dynamic_ncols=True)
-    pending: dict[str, ShardRows] = {}
-    writes: list[Future] = []
-
-    def finish(batch: dict, keep: list[int], feats: torch.Tensor | None) -> None:
-        """Read a batch's features back, then commit its shard if it was the shard's last."""
-        rows = pending[batch["shard"]]
-        if feats is not None:
-            check_output(feats, len(keep))
-            rows.add([batch["keys"][i] for i in keep], [batch["paths"][i] for i in keep],
-                     [batch["indices"][i] for i in keep], feats.float().cpu().numpy())
-        timing["images"] += len(keep)
-        bar.update(len(batch["keys"]) + (len(batch["errors"]) if batch["end"] else 0))
-        if batch["end"]:
-            writes.append(writer.submit(_commit, out, pending.pop(batch["shard"]), batch, fingerprint, ctx.rank))
-            t = time.perf_counter()
-            _drain(writes, keep=4)
-            timing["write_wait_s"] += time.perf_counter() - t
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featpipe-writer") as writer:
-        # Each batch's features are read back only after the next batch is queued on the device:
-        # reading them waits for the device, and the device then has the next batch to work on
-        # instead of idling while this process fetches it. (On a CPU it changes nothing.)
+        return timer
+    bar = _progress_bar(todo, cfg, ctx)
+    with ChunkCommitter(out, fingerprint, ctx.rank, timer) as committer:
         previous = None
-        t_wait = t_start = time.perf_counter()
-        for batch in loader:
-            t0, written = time.perf_counter(), timing["write_wait_s"]
-            timing["wait_data_s"] += t0 - t_wait
-            images, keep = _on_device(batch, device, cfg.transform,
-                                      pending.setdefault(batch["shard"], ShardRows(batch["shard"])))
-            feats = runner(images) if keep else None
+        for batch in timer.data(_loader(todo, cfg, device)):
+            with timer.model():
+                images, keep = _on_device(batch, device, cfg.transform, committer.rows(batch.shard).errors)
+                feats = runner(images) if keep else None
+                if previous is not None:
+                    bar.update(_read_back(committer, *previous))
+                previous = (batch, keep, feats)
+            timer.embedded(len(keep))
+        with timer.model():
             if previous is not None:
-                finish(*previous)
-            previous = (batch, keep, feats)
-            t_wait = time.perf_counter()
-            timing["model_s"] += t_wait - t0 - (timing["write_wait_s"] - written)
-            if "first_batch_s" not in timing and keep:  # start-up: first data, warm-up, compiling
-                timing["first_batch_s"], timing["first_batch_images"] = t_wait - t_start, len(keep)
-        t1, written = time.perf_counter(), timing["write_wait_s"]
-        if previous is not None:
-            finish(*previous)
-        timing["model_s"] += time.perf_counter() - t1 - (timing["write_wait_s"] - written)
-        t1 = time.perf_counter()
-        _drain(writes, keep=0)
-        timing["write_wait_s"] += time.perf_counter() - t1
+                bar.update(_read_back(committer, *previous))
     bar.close()
-    timing["compiled"] = runner.is_compiled
-    return timing
+    timer.compiled = runner.is_compiled
+    return timer
 
 
-def _on_device(batch: dict, device: torch.device, transform: TransformConfig, rows: ShardRows
+def _loader(todo: list[ShardRef], cfg: ExtractConfig, device: torch.device) -> DataLoader:
+    workers = min(cfg.workers, len(todo))
+    return DataLoader(ShardStream(todo, cfg.transform, cfg.batch_size, cfg.read), batch_size=None,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=4 if workers else None, worker_init_fn=_worker_init)
+
+
+def _progress_bar(todo: list[ShardRef], cfg: ExtractConfig, ctx: dist.DistContext) -> tqdm:
+    total = sum(s.expected for s in todo) if all(s.expected is not None for s in todo) else None
+    return tqdm(total=total, unit="img", desc=f"extract[{ctx.rank}]" if ctx.active else "extract",
+                disable=not cfg.progress, dynamic_ncols=True)
+
+
+def _read_back(committer: ChunkCommitter, batch: Batch, keep: list[int], feats: torch.Tensor | None) -> int:
+    """A batch's features to the host and the committer; returns the samples it accounts for."""
+    if feats is not None:
+        check_output(feats, len(keep))
+    committer.add(batch, keep, None if feats is None else feats.float().cpu().numpy())
+    return len(batch) + (len(batch.end.errors) if batch.end is not None else 0)
+
+
+def _on_device(batch: Batch, device: torch.device, transform: TransformConfig, errors: list[SampleError]
                ) -> tuple[torch.Tensor, list[int]]:
     """The batch's uint8 crops on the device, with JPEGs left for the device decoded into their
-    slots; a slot that fails to decode is recorded with the shard and dropped."""
-    images = batch["images"].to(device, non_blocking=True)
-    keep = list(range(len(batch["keys"])))
-    if batch["jpegs"]:
-        crops, failed = decode_on_device(batch["jpegs"], device, transform)
+    slots; a slot that fails to decode is recorded in `errors` and dropped."""
+    images = batch.images.to(device, non_blocking=True)
+    keep = list(range(len(batch)))
+    if batch.jpegs:
+        crops, failed = decode_on_device(batch.jpegs, device, transform)
         for slot, crop in crops.items():
             images[slot] = crop
-        for slot, reason in failed.items():
-            rows.errors.append({"key": batch["keys"][slot], "path": batch["paths"][slot], "shard": batch["shard"],
-                                "index": batch["indices"][slot], "reason": reason})
+        for slot, why in failed.items():
+            errors.append(SampleError(batch.shard, batch.keys[slot], batch.paths[slot], batch.indices[slot], why))
         if failed:
             keep = [i for i in keep if i not in failed]
             images = images[keep]
     return images, keep
-
-
-def _commit(out: Location, rows: ShardRows, end: dict, fingerprint: str, rank: int) -> dict:
-    record = commit_shard(out, rows, end, fingerprint)
-    crash_point("after-chunk", rank)  # test-only: dies here once the first chunk is committed
-    return record
-
-
-def _drain(writes: list[Future], keep: int) -> None:
-    """Wait for commits until at most `keep` are in flight; a failed write stops the run."""
-    while writes and (len(writes) > keep or writes[0].done()):
-        writes.pop(0).result()
 
 
 def _worker_init(_: int) -> None:
@@ -280,28 +252,24 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _stats(cfg: ExtractConfig, device: torch.device, precision: str, dim: int, timing: dict,
-           result: Consolidated | None, seconds: float, ctx: dist.DistContext) -> dict:
-    streaming = timing["wait_data_s"] + timing["model_s"] + timing["write_wait_s"]
+def _stats(cfg: ExtractConfig, device: torch.device, precision: str, dim: int, timer: StageTimer,
+           consolidate_s: float | None, result: Consolidated | None, seconds: float, ctx: dist.DistContext) -> dict:
+    stages = timer.stage_seconds()
+    if consolidate_s is not None:
+        stages["consolidate_s"] = round(consolidate_s, 3)
+    streaming = timer.streaming_s
     stats = {"device": str(device), "precision": precision, "model": {"repo": cfg.model.repo, "name": cfg.model.name},
              "dim": dim, "rank": ctx.rank, "world_size": ctx.world, "workers": cfg.workers,
              "batch_size": cfg.batch_size, "seconds": round(seconds, 3),
-             "embedded_this_run": timing["images"], "shards_this_run": timing["shards"],
-             "images_per_s": round(timing["images"] / seconds, 2) if seconds else None,
+             "embedded_this_run": timer.images, "shards_this_run": timer.shards,
+             "images_per_s": round(timer.images / seconds, 2) if seconds else None,
              # the streaming phase alone: no start-up, model loading or consolidation
-             "streaming_images_per_s": round(timing["images"] / streaming, 2) if streaming else None,
+             "streaming_images_per_s": round(timer.images / streaming, 2) if streaming else None,
              # and without its first batch (worker start, warm-up, compilation)
-             "steady_images_per_s": _rate(timing["images"] - timing.get("first_batch_images", 0),
-                                          streaming - timing.get("first_batch_s", 0.0)),
-             "compiled": timing.get("compiled", False),
-             "stage_seconds": {k: round(v, 3) for k, v in timing.items() if k.endswith("_s")}}
+             "steady_images_per_s": timer.steady_rate(), "compiled": timer.compiled, "stage_seconds": stages}
     if result is not None:
         stats.update(rows=result.rows, errors=result.errors, failed_shards=result.failed_shards)
     return stats
-
-
-def _rate(images: int, seconds: float) -> float | None:
-    return round(images / seconds, 2) if images > 0 and seconds > 0 else None
 
 
 def summary(stats: dict, out: str, names: OutputNames) -> str:

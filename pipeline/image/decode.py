@@ -2,52 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import warnings
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.jpeghead import read_header
-from pipeline.probe import DEFAULT_MAX_PIXELS
+from pipeline.image.header import DEFAULT_MAX_PIXELS, open_lazy
 
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
-
-
-def open_lazy(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Parse the header only; refuses images claiming more than `max_pixels`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
-    check_pixels(im.width, im.height, max_pixels)
-    return im
-
-
-def check_pixels(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    if width * height > max_pixels:
-        raise ValueError(f"{width}x{height} pixels, over the limit of {max_pixels}")
-
-
-@dataclass(frozen=True)
-class Sniffed:
-    """What the header says, read without decoding."""
-
-    plain_jpeg: bool  # a gray or YCbCr JPEG, which libjpeg-turbo decoders take as it is
-    size: tuple[int, int]  # as stored, before the EXIF orientation
-    orientation: int
-    image: Image.Image | None  # Pillow's lazily opened image, when Pillow had to look
-
-
-def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sniffed:
-    """JPEG segment headers when they are plain (the common case, a tenth of Pillow's cost),
-    Pillow's parser otherwise; refuses images claiming more than `max_pixels`."""
-    head = read_header(data)
-    if head is not None:
-        check_pixels(head.width, head.height, max_pixels)
-        return Sniffed(head.layers in (1, 3), (head.width, head.height), head.orientation, None)
-    im = open_lazy(data, max_pixels)
-    return Sniffed(im.format == "JPEG" and im.mode in ("RGB", "L"), im.size, orientation(im), im)
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -72,13 +32,6 @@ def load_first_frame(im: Image.Image, draft_short_side: int | None = None) -> Im
 ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-
-
-def orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(0x0112, 1))
-    except Exception:  # a damaged EXIF block must not cost us the pixels
-        return 1
 
 
 def upright(im: Image.Image) -> Image.Image:

@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from pipeline.transform import Normalizer
+from pipeline.errors import first_line
+from pipeline.image.transform import Normalizer
 
 log = logging.getLogger("featpipe")
 
@@ -47,7 +48,7 @@ class ModelRunner:
                 if self._compiled_ran:
                     raise
                 log.warning("torch.compile failed (%s: %s); running the model eagerly", type(exc).__name__,
-                            str(exc).splitlines()[0] if str(exc) else "")
+                            first_line(exc))
                 self.compiled = None
                 return self.model(x[:n])
             self._compiled_ran = True

@@ -8,18 +8,17 @@ import json
 import numpy as np
 import torch
 
-from pipeline.consolidate import OutputNames
-from pipeline.runinfo import load_run
-from pipeline.shardlist import resolve_shards
+from pipeline.chunks import chunk_matrix, read_chunk
+from pipeline.extract.inputs import resolve_shards
+from pipeline.outdir import OutputNames, load_run, read_done
 from pipeline.storage import Location, locate
-from pipeline.writer import chunk_matrix, read_chunk, read_done
 
 
 def verify(out_url: str, shards_spec: str | None, names: OutputNames = OutputNames()) -> tuple[list[str], str]:
     out = locate(out_url)
     run = load_run(out)
     problems: list[str] = []
-    expected = {s["name"]: s["expected"] for s in run.shards}
+    expected = {s.name: s.expected for s in run.shards}
     if shards_spec:
         listed = resolve_shards(shards_spec)
         if [s.name for s in listed] != run.shard_names:
@@ -36,25 +35,24 @@ def verify(out_url: str, shards_spec: str | None, names: OutputNames = OutputNam
         except FileNotFoundError:
             problems.append(f"{shard}: no chunk and no done record (unfinished: rerun extract)")
             continue
-        if rec["fingerprint"] != run.fingerprint:
+        if rec.fingerprint != run.fingerprint:
             problems.append(f"{shard}: made with other settings than the run")
-        n_errors += len(rec["errors"])
-        n_failed += bool(rec["failed"])
-        accounted = rec["rows"] + len(rec["errors"])
-        if accounted != rec["read"]:
-            problems.append(f"{shard}: read {rec['read']} samples but {rec['rows']} rows + {len(rec['errors'])} errors")
+        n_errors += len(rec.errors)
+        n_failed += bool(rec.failed)
+        if rec.rows + len(rec.errors) != rec.read:
+            problems.append(f"{shard}: read {rec.read} samples but {rec.rows} rows + {len(rec.errors)} errors")
         want = expected.get(shard)
-        if want is not None and not rec["failed"] and rec["read"] != want:
-            problems.append(f"{shard}: {rec['read']} samples read, the manifest says {want}, and no failure recorded")
-        if not rec["rows"]:
+        if want is not None and not rec.failed and rec.read != want:
+            problems.append(f"{shard}: {rec.read} samples read, the manifest says {want}, and no failure recorded")
+        if not rec.rows:
             continue
         try:
             table = read_chunk(out, shard)
         except FileNotFoundError:
-            problems.append(f"{shard}: done record says {rec['rows']} rows but the chunk is missing")
+            problems.append(f"{shard}: done record says {rec.rows} rows but the chunk is missing")
             continue
-        if len(table) != rec["rows"]:
-            problems.append(f"{shard}: chunk has {len(table)} rows, done record says {rec['rows']}")
+        if len(table) != rec.rows:
+            problems.append(f"{shard}: chunk has {len(table)} rows, done record says {rec.rows}")
         for k in table.column("key").to_pylist():
             if k in keys:
                 problems.append(f"{shard}: key {k} appears twice")

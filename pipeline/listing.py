@@ -1,12 +1,13 @@
-"""Find the images under a folder or bucket prefix, in a stable order."""
+"""Find the images under a folder or bucket prefix, in a stable order (pack's input, and extract's
+when SHARDS is a plain image folder)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
-from pipeline.probe import has_image_extension
-from pipeline.storage import Location, locate
+from pipeline.image.header import IMAGE_EXTENSIONS, has_image_extension
+from pipeline.storage import locate
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,6 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Listing:
-    root: Location
     files: list[SourceFile]
     ignored: int  # files without an image extension
 
@@ -52,5 +52,6 @@ def list_images(src: str) -> Listing:
     files.sort(key=lambda f: f.relpath)
     if not files:
         what = "is empty" if ignored == 0 else f"holds no image ({ignored} other files)"
-        raise UserError(f"source {src} {what}; images are recognised by extension: jpg jpeg png webp bmp gif tif tiff")
-    return Listing(root, files, ignored)
+        raise UserError(f"source {src} {what}; images are recognised by extension: "
+                        f"{' '.join(IMAGE_EXTENSIONS)}")
+    return Listing(files, ignored)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.decode import sniff
-from pipeline.transform import TransformConfig, resize_crop_tensor
+from pipeline.errors import reason
+from pipeline.image.header import sniff
+from pipeline.image.transform import TransformConfig, resize_crop_tensor
 
 
 @dataclass
@@ -49,7 +50,7 @@ def decode_on_device(jpegs: list[DeviceJpeg], device: torch.device, cfg: Transfo
                 images.append(decode_jpeg(j.data, mode=ImageReadMode.RGB, device=device))
             except Exception as exc:
                 images.append(None)
-                failed[j.slot] = f"decode failed on {device.type}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                failed[j.slot] = f"decode failed on {device.type}: {reason(exc)}"
     for j, im in zip(jpegs, images):
         if im is not None:
             crops[j.slot] = resize_crop_tensor(_orient(im, j.rotation), cfg)

@@ -1,8 +1,10 @@
-"""What SHARDS means: a packed folder (with its manifest), a brace pattern, a list file, or a
-plain image folder streamed without packing (the original script's way)."""
+"""What SHARDS means: a packed folder (with its manifest), a folder of tars, one tar, a brace
+pattern, a list file of shard URLs, or a plain image folder streamed without packing (the
+original script's way: its sorted images in groups that act as shards)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
@@ -10,9 +12,13 @@ from dataclasses import dataclass
 import braceexpand
 
 from pipeline.errors import UserError
-from pipeline.shards import MANIFEST, SHARD_DIGITS
-from pipeline.sources import list_images
-from pipeline.storage import locate, read_json
+from pipeline.listing import list_images
+from pipeline.shardformat import MANIFEST, SHARD_DIGITS
+from pipeline.storage import Location, locate, read_json
+
+log = logging.getLogger("featpipe")
+
+DEFAULT_GROUP_SIZE = 1000  # images per resumable chunk when SHARDS is a plain image folder
 
 
 @dataclass(frozen=True)
@@ -24,29 +30,17 @@ class ShardRef:
     index: int = 0  # position in the run's shard list; loose files get keys from it
 
 
-def resolve_shards(spec: str) -> list[ShardRef]:
+def resolve_shards(spec: str, group_size: int = DEFAULT_GROUP_SIZE) -> list[ShardRef]:
     """Every rank resolves the same spec to the same list, in the same order, so all agree on the work."""
     if "{" in spec and ".." in spec:
         refs = _named([(u, None) for u in braceexpand.braceexpand(spec)])
     else:
         loc = locate(spec)
-        fs = loc.fs
-        if fs.isdir(loc.path):
-            manifest = loc.join(MANIFEST)
-            if fs.exists(manifest):
-                m = read_json(fs, manifest)
-                refs = _named([(_url(loc, s["name"]), s["samples"]) for s in m["shards"]])
-            else:
-                tars = sorted(p for p in fs.glob(loc.join("*.tar")))
-                refs = _named([(loc.url(p), None) for p in tars])
-                if not tars:
-                    raise UserError(f"no shards in {spec}: expected manifest.json or *.tar "
-                                    "(run `featpipe pack` first, or point at a list file or brace pattern)")
-        elif fs.isfile(loc.path):
-            if loc.path.endswith((".tar", ".tar.gz", ".tgz")):
-                refs = _named([(spec, None)])
-            else:
-                refs = _named([(u, None) for u in _read_list(loc, spec)])
+        if loc.fs.isdir(loc.path):
+            refs = _from_folder(loc, spec, group_size)
+        elif loc.fs.isfile(loc.path):
+            is_tar = loc.path.endswith((".tar", ".tar.gz", ".tgz"))
+            refs = _named([(spec, None)] if is_tar else [(u, None) for u in _read_list(loc)])
         else:
             raise UserError(f"shards not found: {spec}")
     if not refs:
@@ -54,19 +48,32 @@ def resolve_shards(spec: str) -> list[ShardRef]:
     return refs
 
 
+def _from_folder(loc: Location, spec: str, group_size: int) -> list[ShardRef]:
+    manifest = loc.join(MANIFEST)
+    if loc.fs.exists(manifest):
+        m = read_json(loc.fs, manifest)
+        return _named([(loc.url(loc.join(s["name"])), s["samples"]) for s in m["shards"]])
+    tars = sorted(loc.fs.glob(loc.join("*.tar")))
+    if tars:
+        return _named([(loc.url(p), None) for p in tars])
+    try:
+        refs = folder_as_shards(spec, group_size)
+    except UserError:
+        raise UserError(f"no shards or images in {spec}: expected manifest.json, *.tar or image files "
+                        "(run `featpipe pack` first, or point at a list file or brace pattern)") from None
+    log.info("%s holds no shards: streaming its %d images directly in groups of %d (no pack step)",
+             spec, sum(len(r.files) for r in refs), group_size)
+    return refs
+
+
 def folder_as_shards(folder: str, group_size: int) -> list[ShardRef]:
     """A plain image folder, streamed directly: sorted files in groups that act as shards."""
-    listing = list_images(folder)
-    paths = [f.path for f in listing.files]
+    paths = [f.path for f in list_images(folder).files]
     groups = [tuple(paths[i:i + group_size]) for i in range(0, len(paths), group_size)]
     return [ShardRef(f"part-{g:0{SHARD_DIGITS}d}", folder, len(files), files, g) for g, files in enumerate(groups)]
 
 
-def _url(loc, name: str) -> str:
-    return loc.url(loc.join(name))
-
-
-def _read_list(loc, spec: str) -> list[str]:
+def _read_list(loc: Location) -> list[str]:
     with loc.fs.open(loc.path, "rt") as f:
         lines = [ln.strip() for ln in f]
     base = posixpath.dirname(loc.path)

@@ -5,7 +5,7 @@ All modes give the same geometry (torchvision's Resize(size, bicubic) then Cente
   exact   the original script's Pillow + torchvision pipeline, pixel for pixel;
   fast    JPEGs decoded by libjpeg-turbo (simplejpeg) at a reduced scale when the source is at least
           twice the target, then torch's vectorised uint8 bicubic resize (antialiased like Pillow's);
-  device  plain JPEGs travel compressed and are decoded on the model's device (devicedecode.py);
+  device  plain JPEGs travel compressed and are decoded on the model's device (image/device.py);
           other images take the fast path in the workers.
 """
 
@@ -20,7 +20,8 @@ import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from pipeline.decode import ORIENTATION_TRANSPOSE, load_first_frame, open_image, open_lazy, sniff, to_rgb, upright
+from pipeline.image.decode import ORIENTATION_TRANSPOSE, load_first_frame, open_image, to_rgb, upright
+from pipeline.image.header import open_lazy, sniff
 
 try:
     import simplejpeg

@@ -16,19 +16,11 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from pipeline.chunks import chunk_matrix, read_chunk
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
-from pipeline.runinfo import RunInfo
+from pipeline.outdir import OutputNames, RunInfo, read_done
 from pipeline.storage import Location, commit_file, staging_file
-from pipeline.writer import chunk_matrix, read_chunk, read_done
-
-
-@dataclass(frozen=True)
-class OutputNames:
-    torch_features: str = "fts.pth"
-    numpy_features: str = "fts.npy"
-    img_list: str = "img_list.json"
-    errors: str = "errors.jsonl"
 
 
 @dataclass
@@ -50,8 +42,8 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
     if missing:
         raise UserError(f"{len(missing)} of {len(run.shard_names)} shards are not finished (first: {missing[0]}); "
                         "rerun the same extract command to finish them")
-    rows = sum(r["rows"] for r in records)
-    dims = {r["dim"] for r in records if r["rows"]}
+    rows = sum(r.rows for r in records)
+    dims = {r.dim for r in records if r.rows}
     if len(dims) > 1:
         raise UserError(f"chunks in {out.url()} disagree on the feature size: {sorted(dims)}")
     dim = dims.pop() if dims else (run.dim or 0)
@@ -67,16 +59,16 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
             img_list.write("[")
             row = 0
             for rec in records:
-                if rec["rows"]:
-                    table = read_chunk(out, rec["shard"])
+                if rec.rows:
+                    table = read_chunk(out, rec.shard)
                     mat = chunk_matrix(table)
                     f32[row:row + len(mat)] = mat
                     f16[row:row + len(mat)] = mat
                     for p in table.column("path").to_pylist():
                         img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
                         row += 1
-                for e in _errors_of(rec):
-                    errs.write(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n")
+                for e in rec.all_errors():
+                    errs.write(json.dumps(e.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
                     n_errors += 1
             img_list.write("\n]\n")
         f16.flush()
@@ -93,12 +85,4 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
                              (list_staged, names.img_list), (err_staged, names.errors)):
             commit_file(out.fs, staged, out.join(name))
             crash_point("consolidate")
-    return Consolidated(rows, dim, n_errors, [r["shard"] for r in records if r["failed"]])
-
-
-def _errors_of(rec: dict) -> list[dict]:
-    errors = list(rec["errors"])
-    if rec["failed"]:
-        errors.append({"shard": rec["shard"], "key": None, "path": None, "index": None,
-                       "reason": f"shard failed: {rec['failed']}"})
-    return errors
+    return Consolidated(rows, dim, n_errors, [r.shard for r in records if r.failed])

@@ -18,14 +18,14 @@ from typing import Iterator
 
 import fsspec
 from PIL import Image
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from pipeline import __version__
-from pipeline.decode import has_alpha, open_image, to_rgb, upright
-from pipeline.errors import UserError
-from pipeline.probe import DEFAULT_MAX_PIXELS, BadImage, ImageInfo, probe
-from pipeline.shards import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
-from pipeline.sources import Listing, SourceFile, list_images
+from pipeline.errors import UserError, reason
+from pipeline.image.decode import has_alpha, open_image, to_rgb, upright
+from pipeline.image.header import DEFAULT_MAX_PIXELS, BadImage, Header, probe
+from pipeline.listing import Listing, SourceFile, list_images
+from pipeline.shardformat import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
 from pipeline.storage import (Location, commit_file, commit_json, ensure_writable, locate, read_json,
                               remove_stale_temps, staging_file)
 from pipeline.units import format_bytes
@@ -155,7 +155,7 @@ def pack_shard(task: ShardTask, src_fs: fsspec.AbstractFileSystem, dest: Locatio
             try:
                 data = src_fs.cat_file(f.fs_path)
             except Exception as exc:
-                skipped.append({"path": f.path, "reason": f"cannot read: {type(exc).__name__}: {exc}"})
+                skipped.append({"path": f.path, "reason": f"cannot read: {reason(exc)}"})
                 continue
             source_bytes += len(data)
             try:
@@ -191,7 +191,7 @@ def pack_shard(task: ShardTask, src_fs: fsspec.AbstractFileSystem, dest: Locatio
     return record
 
 
-def _shrink(data: bytes, resize_max: int, quality: int, max_pixels: int) -> tuple[bytes, ImageInfo]:
+def _shrink(data: bytes, resize_max: int, quality: int, max_pixels: int) -> tuple[bytes, Header]:
     try:
         im = upright(open_image(data, max_pixels))
         scale = resize_max / max(im.width, im.height)
@@ -203,7 +203,7 @@ def _shrink(data: bytes, resize_max: int, quality: int, max_pixels: int) -> tupl
             im = to_rgb(im) if im.mode not in ("L", "RGB") else im
             im.resize(size, Image.Resampling.BICUBIC).save(out, "JPEG", quality=quality)
     except Exception as exc:
-        raise BadImage(f"cannot decode to resize: {type(exc).__name__}: {exc}") from None
+        raise BadImage(f"cannot decode to resize: {reason(exc)}") from None
     new = out.getvalue()
     return new, probe(new)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 _GITHUB_REPO = re.compile(r"[\w.-]+/[\w.-]+(:[\w./-]+)?")
-LOCAL_HUB = Path(__file__).resolve().parent / "hub"
+LOCAL_HUB = Path(__file__).resolve().parents[1] / "hub"
 _OFFLINE_HELP = ("offline options: a TORCH_HOME that already caches the repo (and its weights), or "
                  "--model-repo PATH to a local checkout or any directory with a hubconf.py, with --weights FILE "
                  f"for local weights (featpipe ships an offline one: {LOCAL_HUB})")
@@ -32,6 +32,11 @@ class ModelConfig:
             st = os.stat(self.weights)
             weights = {"file": os.path.basename(self.weights), "bytes": st.st_size}
         return {"repo": self.repo, "name": self.name, "weights": weights}
+
+    def source(self) -> dict:
+        """Where to load the same model again later (absolute local paths)."""
+        repo = os.path.abspath(self.repo) if is_local_repo(self.repo) else self.repo
+        return {"repo": repo, "name": self.name, "weights": os.path.abspath(self.weights) if self.weights else None}
 
 
 def is_local_repo(repo: str) -> bool:
@@ -81,7 +86,7 @@ def _hub_load(cfg: ModelConfig, kwargs: dict) -> torch.nn.Module:
                         f"{_OFFLINE_HELP}") from None
     except RuntimeError as exc:
         if "internet" in str(exc) or "Cannot find callable" in str(exc):
-            raise UserError(f"{cfg.repo} / {cfg.name}: {str(exc).splitlines()[0]}; {_OFFLINE_HELP}") from None
+            raise UserError(f"{cfg.repo} / {cfg.name}: {first_line(exc)}; {_OFFLINE_HELP}") from None
         raise
 
 
@@ -108,15 +113,15 @@ def _cached_ref(repo: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    return str(reason or exc).splitlines()[0]
+    why = getattr(exc, "reason", None)
+    return str(why) if why else first_line(exc)
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot load --weights {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load --weights {path}: {first_line(exc)}") from None
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -127,7 +132,9 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"--weights {path} do not fit the model: {str(exc).splitlines()[1:2] or exc}") from None
+        lines = str(exc).splitlines()
+        raise UserError(f"--weights {path} do not fit the model: {lines[1].strip() if len(lines) > 1 else first_line(exc)}"
+                        ) from None
 
 
 def check_output(out: torch.Tensor, batch: int) -> None:

@@ -1,0 +1,97 @@
+"""A torch IterableDataset over shards: each DataLoader worker takes its own shards, decodes and
+crops their images, and hands over uint8 batches that never cross a shard boundary, so the shard's
+chunk can be committed as soon as its last batch is embedded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.errors import SampleError, reason
+from pipeline.extract.inputs import ShardRef
+from pipeline.extract.reader import RawSample, ReadConfig, ShardReport, iter_shard
+from pipeline.image.device import DeviceJpeg, device_decodable
+from pipeline.image.transform import TransformConfig, crop_uint8
+
+
+@dataclass
+class Batch:
+    """Up to batch-size samples of one shard, as they cross from a worker to the model process."""
+
+    shard: str
+    images: torch.Tensor  # (B, 3, C, C) uint8, channels-last; zero where a JPEG waits for the device
+    jpegs: list[DeviceJpeg]  # compressed JPEGs the device decodes into their slots
+    keys: list[str]
+    paths: list[str]
+    indices: list[int]
+    end: ShardReport | None  # set on the shard's last batch: what else reading the shard found
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pinning thread: page-locked crops copy to the GPU asynchronously."""
+        self.images = self.images.pin_memory()
+        return self
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, shards: list[ShardRef], transform: TransformConfig, batch_size: int,
+                 read: ReadConfig = ReadConfig()):
+        self.shards = shards
+        self.transform = transform
+        self.batch_size = batch_size
+        self.read = read
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for shard in mine:
+            yield from self._shard_batches(shard)
+
+    def _shard_batches(self, shard: ShardRef) -> Iterator[Batch]:
+        report = ShardReport()
+        items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]] = []
+        for raw in iter_shard(shard, report, self.read):
+            crop, why = _decode(raw, self.transform, len(items))
+            if crop is None:
+                report.errors.append(SampleError(shard.name, raw.key, raw.path, raw.index, why))
+                continue
+            items.append((raw, crop))
+            if len(items) == self.batch_size:
+                yield _batch(shard, items, self.transform, None)
+                items = []
+        yield _batch(shard, items, self.transform, report)
+
+
+def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[torch.Tensor | DeviceJpeg | None, str]:
+    if raw.error:
+        return None, raw.error
+    try:
+        if cfg.mode == "device":
+            on_device, rotation = device_decodable(raw.data)
+            if on_device:
+                return DeviceJpeg(slot, torch.frombuffer(bytearray(raw.data), dtype=torch.uint8), rotation), ""
+        return crop_uint8(raw.data, cfg), ""
+    except Exception as exc:  # Pillow raises many types for damaged data
+        return None, f"decode failed: {reason(exc)}"
+
+
+def _batch(shard: ShardRef, items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]], cfg: TransformConfig,
+           report: ShardReport | None) -> Batch:
+    """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills.
+    Channels-last, the layout the decoder and the resize produce: stacking is then a plain copy
+    (a planar batch cost ~0.2 ms per image in the worker); the device makes it planar."""
+    fill = torch.zeros if any(isinstance(c, DeviceJpeg) for _, c in items) else torch.empty
+    images = fill((len(items), cfg.crop_size, cfg.crop_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    jpegs = []
+    for i, (_, c) in enumerate(items):
+        if isinstance(c, DeviceJpeg):
+            jpegs.append(c)
+        else:
+            images[i] = c
+    return Batch(shard.name, images, jpegs, [r.key for r, _ in items], [r.path for r, _ in items],
+                 [r.index for r, _ in items], report)
