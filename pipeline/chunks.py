@@ -46,8 +46,15 @@ class ShardRows:
 def chunk_table(rows: ShardRows) -> pa.Table:
     mat = rows.matrix()
     emb = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1), pa.float32()), mat.shape[1])
-    return pa.table({"key": rows.keys, "path": rows.paths, "shard": [rows.shard] * len(rows.keys),
-                     "index": pa.array(rows.indices, pa.int64()), "embedding": emb})
+    return pa.table(
+        {
+            "key": rows.keys,
+            "path": rows.paths,
+            "shard": [rows.shard] * len(rows.keys),
+            "index": pa.array(rows.indices, pa.int64()),
+            "embedding": emb,
+        }
+    )
 
 
 def write_chunk(out: Location, rows: ShardRows) -> None:

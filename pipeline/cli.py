@@ -60,15 +60,32 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="folder or fsspec URL (s3://bucket/prefix, gs://…, file://, memory://)")
     p.add_argument("dest", help="folder or fsspec URL for shard-NNNNNN.tar and manifest.json")
     p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--max-shard-bytes", type=_size, default=10**9,
-                   help="start a new shard past this many source bytes (default 1GB; accepts 500MB)")
-    p.add_argument("--resize-max", type=_positive, default=None, metavar="PX",
-                   help="re-encode images whose longer side exceeds PX (off by default)")
+    p.add_argument(
+        "--max-shard-bytes",
+        type=_size,
+        default=10**9,
+        help="start a new shard past this many source bytes (default 1GB; accepts 500MB)",
+    )
+    p.add_argument(
+        "--resize-max",
+        type=_positive,
+        default=None,
+        metavar="PX",
+        help="re-encode images whose longer side exceeds PX (off by default)",
+    )
     p.add_argument("--quality", type=int, default=90, help="JPEG quality for --resize-max (default 90)")
-    p.add_argument("--check", choices=("header", "decode"), default="header",
-                   help="header: Pillow reads headers only (default); decode: fully decode every image")
-    p.add_argument("--workers", type=_positive, default=default_workers(),
-                   help="processes, one shard per task (default: CPU count, at most 8)")
+    p.add_argument(
+        "--check",
+        choices=("header", "decode"),
+        default="header",
+        help="header: Pillow reads headers only (default); decode: fully decode every image",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=default_workers(),
+        help="processes, one shard per task (default: CPU count, at most 8)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards in DEST and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_pack)
@@ -76,50 +93,89 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="shards → model → Parquet chunks → fts.npy / fts.pth / img_list.json")
-    p.add_argument("shards", help="packed folder or URL (with manifest.json), a brace pattern "
-                                  "(s3://b/shard-{000000..000099}.tar), a text file of shard URLs, or a plain "
-                                  "image folder (streamed without packing)")
+    p.add_argument(
+        "shards",
+        help="packed folder or URL (with manifest.json), a brace pattern "
+        "(s3://b/shard-{000000..000099}.tar), a text file of shard URLs, or a plain "
+        "image folder (streamed without packing)",
+    )
     p.add_argument("out", help="output folder or URL")
     add_model_flags(p)
-    p.add_argument("--workers", type=_non_negative, default=default_workers(),
-                   help="DataLoader worker processes decoding images (default: CPU count, at most 8)")
+    p.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=default_workers(),
+        help="DataLoader worker processes decoding images (default: CPU count, at most 8)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype; auto = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: a minute or more of compiling at start, faster batches after "
-                        "(for long runs; falls back to eager if compiling fails)")
-    p.add_argument("--group-size", type=_positive, default=1000,
-                   help="when SHARDS is a plain image folder: images per resumable chunk (default 1000)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast dtype; auto = bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model: a minute or more of compiling at start, faster batches after "
+        "(for long runs; falls back to eager if compiling fails)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=_positive,
+        default=1000,
+        help="when SHARDS is a plain image folder: images per resumable chunk (default 1000)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace features made earlier in OUT")
     p.add_argument("--retries", type=_non_negative, default=3, help="retries of a shard after a transient read error")
-    p.add_argument("--barrier-timeout", type=_positive, default=6 * 3600, metavar="SECONDS",
-                   help="under torchrun: how long rank 0 waits for the slowest rank before consolidating")
-    p.add_argument("--no-consolidate", action="store_true",
-                   help="only write chunks; run `featpipe consolidate OUT` later")
+    p.add_argument(
+        "--barrier-timeout",
+        type=_positive,
+        default=6 * 3600,
+        metavar="SECONDS",
+        help="under torchrun: how long rank 0 waits for the slowest rank before consolidating",
+    )
+    p.add_argument(
+        "--no-consolidate", action="store_true", help="only write chunks; run `featpipe consolidate OUT` later"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(run=_cmd_extract)
 
 
 def _add_match(sub: argparse._SubParsersAction) -> None:
-    m = sub.add_parser("match", help="features → all-vs-all k nearest neighbours (matches.npy, scores.npy, "
-                                     "neighbors.parquet)")
+    m = sub.add_parser(
+        "match", help="features → all-vs-all k nearest neighbours (matches.npy, scores.npy, neighbors.parquet)"
+    )
     m.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
     m.add_argument("out", help="output folder")
     m.add_argument("-k", type=_positive, default=10, help="neighbours per vector (default 10)")
-    m.add_argument("--method", choices=("auto", "exact", "ivf"), default="auto",
-                   help="exact: every pair; ivf: a faiss IVF index tuned to recall@k ≥ 0.95; auto: exact while "
-                        "N²·D is small enough (see README)")
+    m.add_argument(
+        "--method",
+        choices=("auto", "exact", "ivf"),
+        default="auto",
+        help="exact: every pair; ivf: a faiss IVF index tuned to recall@k ≥ 0.95; auto: exact while "
+        "N²·D is small enough (see README)",
+    )
     m.add_argument("--exclude-self", action="store_true", help="do not list each vector as its own neighbour")
-    m.add_argument("--memory-budget", type=_size, default=2 * 10**9, metavar="SIZE",
-                   help="memory for the search tiles (default 2GB; accepts 512MB)")
+    m.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=2 * 10**9,
+        metavar="SIZE",
+        help="memory for the search tiles (default 2GB; accepts 512MB)",
+    )
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     m.add_argument("--numpy-matches", default="matches.npy", help="neighbour rows file name in OUT (uint32)")
     m.add_argument("--numpy-similarity-scores", default="scores.npy", help="scores file name in OUT (float16)")
     m.add_argument("--overwrite", action="store_true", help="replace a match made earlier in OUT")
-    m.add_argument("--barrier-timeout", type=_positive, default=6 * 3600, metavar="SECONDS",
-                   help="under torchrun: how long rank 0 waits for the slowest rank")
+    m.add_argument(
+        "--barrier-timeout",
+        type=_positive,
+        default=6 * 3600,
+        metavar="SECONDS",
+        help="under torchrun: how long rank 0 waits for the slowest rank",
+    )
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     m.set_defaults(run=_cmd_match)
@@ -127,21 +183,31 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """The original extract_fts.py's flags, in dash style."""
-    p.add_argument("--model-repo", default="facebookresearch/dinov2",
-                   help="GitHub owner/repo[:ref] for torch.hub (cached in TORCH_HOME), or a local directory "
-                        "with a hubconf.py")
+    p.add_argument(
+        "--model-repo",
+        default="facebookresearch/dinov2",
+        help="GitHub owner/repo[:ref] for torch.hub (cached in TORCH_HOME), or a local directory with a hubconf.py",
+    )
     p.add_argument("--model-name", default="dinov2_vits14", help="entry point in the repo's hubconf.py")
     p.add_argument("--weights", default=None, help="local checkpoint to load into the model (weights_only)")
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--resize-size", type=_positive, default=256, help="shorter side after resizing (bicubic)")
-    p.add_argument("--keep-ratio", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the aspect ratio when resizing (default; the original script's default is a "
-                        "square); --no-keep-ratio resizes to a square")
+    p.add_argument(
+        "--keep-ratio",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the aspect ratio when resizing (default; the original script's default is a "
+        "square); --no-keep-ratio resizes to a square",
+    )
     p.add_argument("--crop-size", type=_positive, default=224, help="center crop")
-    p.add_argument("--decode", choices=("fast", "exact", "device"), default="fast",
-                   help="fast: reduced-size JPEG decoding in the workers (default); exact: the original "
-                        "script's Pillow pipeline pixel for pixel; device: JPEGs decoded on the model's device "
-                        "(nvJPEG on CUDA), other formats in the workers")
+    p.add_argument(
+        "--decode",
+        choices=("fast", "exact", "device"),
+        default="fast",
+        help="fast: reduced-size JPEG decoding in the workers (default); exact: the original "
+        "script's Pillow pipeline pixel for pixel; device: JPEGs decoded on the model's device "
+        "(nvJPEG on CUDA), other formats in the workers",
+    )
     add_output_name_flags(p)
 
 
@@ -163,10 +229,18 @@ def output_names(args: argparse.Namespace):
 def _cmd_pack(args: argparse.Namespace) -> int:
     from pipeline.pack.packer import PackConfig, run_pack, summary
 
-    cfg = PackConfig(src=args.src, dest=args.dest, shard_size=args.shard_size,
-                     max_shard_bytes=args.max_shard_bytes, resize_max=args.resize_max, quality=args.quality,
-                     check=args.check, workers=args.workers, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+    cfg = PackConfig(
+        src=args.src,
+        dest=args.dest,
+        shard_size=args.shard_size,
+        max_shard_bytes=args.max_shard_bytes,
+        resize_max=args.resize_max,
+        quality=args.quality,
+        check=args.check,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     t0 = time.perf_counter()
     result = run_pack(cfg)
     print(summary(result, time.perf_counter() - t0))
@@ -180,12 +254,23 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.image.transform import TransformConfig
 
     cfg = ExtractConfig(
-        shards=args.shards, out=args.out, model=ModelConfig(args.model_repo, args.model_name, args.weights),
+        shards=args.shards,
+        out=args.out,
+        model=ModelConfig(args.model_repo, args.model_name, args.weights),
         transform=TransformConfig(args.resize_size, args.crop_size, args.keep_ratio, args.decode),
-        batch_size=args.batch_size, names=output_names(args), workers=args.workers, device=args.device,
-        precision=args.precision, overwrite=args.overwrite, progress=not args.no_progress,
-        group_size=args.group_size, read=ReadConfig(retries=args.retries), barrier_timeout_s=args.barrier_timeout,
-        consolidate=not args.no_consolidate, compile=args.compile)
+        batch_size=args.batch_size,
+        names=output_names(args),
+        workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        group_size=args.group_size,
+        read=ReadConfig(retries=args.retries),
+        barrier_timeout_s=args.barrier_timeout,
+        consolidate=not args.no_consolidate,
+        compile=args.compile,
+    )
     result = run_extract(cfg)
     print(summary(result.stats, args.out.rstrip("/"), cfg.names))
     return result.exit_code
@@ -218,10 +303,19 @@ def _cmd_match(args: argparse.Namespace) -> int:
     for flag in ("numpy_matches", "numpy_similarity_scores"):
         if "/" in getattr(args, flag):
             raise UserError(f"--{flag.replace('_', '-')} is a file name inside OUT, not a path")
-    cfg = MatchConfig(args.features, args.out, k=args.k, method=args.method, exclude_self=args.exclude_self,
-                      memory_budget=args.memory_budget, device=args.device, overwrite=args.overwrite,
-                      names=MatchNames(args.numpy_matches, args.numpy_similarity_scores),
-                      progress=not args.no_progress, barrier_timeout_s=args.barrier_timeout)
+    cfg = MatchConfig(
+        args.features,
+        args.out,
+        k=args.k,
+        method=args.method,
+        exclude_self=args.exclude_self,
+        memory_budget=args.memory_budget,
+        device=args.device,
+        overwrite=args.overwrite,
+        names=MatchNames(args.numpy_matches, args.numpy_similarity_scores),
+        progress=not args.no_progress,
+        barrier_timeout_s=args.barrier_timeout,
+    )
     print(summary(run_match(cfg)))
     return EXIT_OK
 
@@ -235,8 +329,9 @@ def _configure_logging(prog: str, verbose: bool) -> None:
     ours.handlers[:] = [handler]
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
     ours.propagate = False
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format=f"{prog}: [%(name)s] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format=f"{prog}: [%(name)s] %(message)s"
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "featpipe") -> int:

@@ -17,9 +17,10 @@ class DistContext:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "DistContext":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    def from_env(cls) -> DistContext:
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
 
     @property
     def active(self) -> bool:

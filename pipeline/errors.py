@@ -41,5 +41,5 @@ class SampleError:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "SampleError":
+    def from_json(cls, data: dict) -> SampleError:
         return cls(data["shard"], data["key"], data["path"], data["index"], data["reason"])

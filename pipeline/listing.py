@@ -43,7 +43,7 @@ def list_images(src: str) -> Listing:
     for fs_path, info in found.items():
         if info.get("type", "file") != "file" or not fs_path.startswith(prefix):
             continue
-        rel = fs_path[len(prefix):]
+        rel = fs_path[len(prefix) :]
         if not has_image_extension(rel):
             ignored += 1
             continue
@@ -52,6 +52,5 @@ def list_images(src: str) -> Listing:
     files.sort(key=lambda f: f.relpath)
     if not files:
         what = "is empty" if ignored == 0 else f"holds no image ({ignored} other files)"
-        raise UserError(f"source {src} {what}; images are recognised by extension: "
-                        f"{' '.join(IMAGE_EXTENSIONS)}")
+        raise UserError(f"source {src} {what}; images are recognised by extension: {' '.join(IMAGE_EXTENSIONS)}")
     return Listing(files, ignored)

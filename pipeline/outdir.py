@@ -63,14 +63,24 @@ class RunInfo:
         return [s.name for s in self.shards]
 
     def to_json(self) -> dict:
-        return {"featpipe_version": __version__, "fingerprint": self.fingerprint, "settings": self.settings,
-                "shards": [asdict(s) for s in self.shards], "dim": self.dim, **self.extra}
+        return {
+            "featpipe_version": __version__,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "shards": [asdict(s) for s in self.shards],
+            "dim": self.dim,
+            **self.extra,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "RunInfo":
+    def from_json(cls, data: dict) -> RunInfo:
         known = {"featpipe_version", "fingerprint", "settings", "shards", "dim"}
-        return cls(data["settings"], [ShardEntry(s["name"], s["url"], s.get("expected")) for s in data["shards"]],
-                   data.get("dim"), {k: v for k, v in data.items() if k not in known})
+        return cls(
+            data["settings"],
+            [ShardEntry(s["name"], s["url"], s.get("expected")) for s in data["shards"]],
+            data.get("dim"),
+            {k: v for k, v in data.items() if k not in known},
+        )
 
 
 @dataclass(frozen=True)
@@ -90,9 +100,17 @@ class DoneRecord:
         return {**asdict(self), "errors": [e.to_json() for e in self.errors]}
 
     @classmethod
-    def from_json(cls, data: dict) -> "DoneRecord":
-        return cls(data["shard"], data["rows"], data["read"], [SampleError.from_json(e) for e in data["errors"]],
-                   data["failed"], data["dim"], data["chunk"], data["fingerprint"])
+    def from_json(cls, data: dict) -> DoneRecord:
+        return cls(
+            data["shard"],
+            data["rows"],
+            data["read"],
+            [SampleError.from_json(e) for e in data["errors"]],
+            data["failed"],
+            data["dim"],
+            data["chunk"],
+            data["fingerprint"],
+        )
 
     def all_errors(self) -> list[SampleError]:
         """The sample errors, then the shard's own failure as one more record."""
@@ -115,11 +133,15 @@ def check_compatible(out: Location, run: RunInfo) -> bool:
     old = load_run(out)
     if old.fingerprint != run.fingerprint:
         changed = sorted(k for k in set(old.settings) | set(run.settings) if old.settings.get(k) != run.settings.get(k))
-        raise UserError(f"{out.url()} holds features made with other settings ({', '.join(changed)}); "
-                        "use --overwrite to replace them, or another OUT")
+        raise UserError(
+            f"{out.url()} holds features made with other settings ({', '.join(changed)}); "
+            "use --overwrite to replace them, or another OUT"
+        )
     if old.shard_names != run.shard_names:
-        raise UserError(f"{out.url()} holds a run over another shard list ({len(old.shards)} shards, now "
-                        f"{len(run.shards)}); use --overwrite to replace it, or another OUT")
+        raise UserError(
+            f"{out.url()} holds a run over another shard list ({len(old.shards)} shards, now "
+            f"{len(run.shards)}); use --overwrite to replace it, or another OUT"
+        )
     return True
 
 

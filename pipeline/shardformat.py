@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO, Iterable
+from collections.abc import Iterable
+from typing import BinaryIO
 
 SHARD_DIGITS = 6
 INDEX_DIGITS = 6
@@ -44,7 +45,16 @@ def ustar_header(name: str, size: int) -> bytes:
     encoded = name.encode()
     if len(encoded) > 100 or size >= 8**11:
         raise ValueError(f"tar member {name!r} ({size} bytes) needs a longer header than ustar's")
-    head = (encoded.ljust(100, b"\x00") + _MODE_OWNER + b"%011o\x00" % size + _AFTER_SIZE + b"        " + b"0"
-            + bytes(100) + b"ustar\x0000" + bytes(64 + 16 + 155)).ljust(BLOCK, b"\x00")
+    head = (
+        encoded.ljust(100, b"\x00")
+        + _MODE_OWNER
+        + b"%011o\x00" % size
+        + _AFTER_SIZE
+        + b"        "
+        + b"0"
+        + bytes(100)
+        + b"ustar\x0000"
+        + bytes(64 + 16 + 155)
+    ).ljust(BLOCK, b"\x00")
     checksum = b"%06o\x00 " % sum(head)  # counted with the checksum field as spaces, as the format says
     return head[:148] + checksum + head[156:]

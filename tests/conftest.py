@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,20 +25,49 @@ BROKEN = make_sample_images.broken_images()
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("samples") / "images"
-    subprocess.run([sys.executable, str(TOOLS / "make_sample_images.py"), str(d), "--broken"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(TOOLS / "make_sample_images.py"), str(d), "--broken"], check=True, capture_output=True
+    )
     return d
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """The real `featpipe` command line, in its own process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"featpipe {' '.join(map(str, args))} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"featpipe {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started: no orphans
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun hung for {timeout}s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def free_port() -> int:
@@ -55,8 +85,13 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
@@ -75,8 +110,9 @@ def s3(s3_server):
 
     import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL_S3"], key="testing", secret="testing",
-                           skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3_server["AWS_ENDPOINT_URL_S3"], key="testing", secret="testing", skip_instance_cache=True
+    )
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     return fs, bucket

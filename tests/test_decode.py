@@ -7,12 +7,12 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import VALID
 from PIL import Image
 
-from conftest import VALID
 from pipeline.image.decode import ORIENTATION_TRANSPOSE
-from pipeline.image.header import orientation
 from pipeline.image.device import DeviceJpeg, _orient, decode_on_device, device_decodable
+from pipeline.image.header import orientation
 from pipeline.image.jpeghead import read_header
 from pipeline.image.transform import TransformConfig, crop_uint8
 
@@ -65,8 +65,10 @@ def test_fast_crop_matches_exact_where_no_reduced_decode(rel):
 def test_device_decode_on_cpu_matches_exact_closely():
     jpegs = {rel: d for rel, d in VALID.items() if device_decodable(d)[0]}
     assert "formats/cmyk.jpg" not in jpegs and "formats/exif_rotated.jpg" in jpegs and len(jpegs) > 15
-    items = [DeviceJpeg(i, torch.frombuffer(bytearray(d), dtype=torch.uint8), device_decodable(d)[1])
-             for i, d in enumerate(jpegs.values())]
+    items = [
+        DeviceJpeg(i, torch.frombuffer(bytearray(d), dtype=torch.uint8), device_decodable(d)[1])
+        for i, d in enumerate(jpegs.values())
+    ]
     crops, failed = decode_on_device(items, torch.device("cpu"), DEVICE)
     assert not failed and sorted(crops) == list(range(len(items)))
     for i, (rel, data) in enumerate(jpegs.items()):
@@ -76,7 +78,9 @@ def test_device_decode_on_cpu_matches_exact_closely():
 
 def test_device_decode_records_a_bad_jpeg_and_keeps_the_rest():
     good = VALID["photos/IMG_0001.jpg"]
-    items = [DeviceJpeg(0, torch.frombuffer(bytearray(good), dtype=torch.uint8), 1),
-             DeviceJpeg(1, torch.frombuffer(bytearray(good[: len(good) // 3]), dtype=torch.uint8), 1)]
+    items = [
+        DeviceJpeg(0, torch.frombuffer(bytearray(good), dtype=torch.uint8), 1),
+        DeviceJpeg(1, torch.frombuffer(bytearray(good[: len(good) // 3]), dtype=torch.uint8), 1),
+    ]
     crops, failed = decode_on_device(items, torch.device("cpu"), DEVICE)
     assert list(crops) == [0] and list(failed) == [1] and "decode failed" in failed[1]

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, free_port, run_cli
+from conftest import ROOT, free_port, run_cli, torchrun
 
 MODEL = ["--model-repo", str(ROOT / "pipeline" / "hub"), "--model-name", "tiny_cnn"]
 OUTPUTS = ("fts.npy", "fts.pth", "img_list.json", "errors.jsonl")
@@ -34,19 +33,6 @@ def single(shards, tmp_path_factory) -> Path:
     proc = run_cli("extract", shards, out, *MODEL, "--workers", "1", check=False)
     assert proc.returncode == 3, proc.stderr
     return out
-
-
-def torchrun(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started: no orphans
-        out, err = proc.communicate()
-        raise AssertionError(f"torchrun hung for {timeout}s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def same_outputs(a: Path, b: Path) -> None:
@@ -70,12 +56,29 @@ def test_standalone_two_ranks_match_one_process(shards, single, tmp_path):
 def test_two_nodes_c10d_rendezvous_on_loopback(shards, single, tmp_path):
     out = tmp_path / "out"
     port = free_port()
-    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "featpipe-test"]
+    common = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "featpipe-test",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common,
-                               *extract_args(shards, out, "--workers", "1")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *common, *extract_args(shards, out, "--workers", "1")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     results = [n.communicate(timeout=300) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], [r[1][-2000:] for r in results]
     same_outputs(out, single)
@@ -91,8 +94,9 @@ def test_uneven_work(sample_dir, tmp_path, ranks, workers, pack_size):
     ref = tmp_path / "ref"
     run_cli("extract", shards, ref, *MODEL, "--workers", "0", check=False)
     out = tmp_path / "out"
-    proc = torchrun("--standalone", "--nproc-per-node", str(ranks),
-                    *extract_args(shards, out, "--workers", str(workers)))
+    proc = torchrun(
+        "--standalone", "--nproc-per-node", str(ranks), *extract_args(shards, out, "--workers", str(workers))
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     same_outputs(out, ref)
 
@@ -100,10 +104,20 @@ def test_uneven_work(sample_dir, tmp_path, ranks, workers, pack_size):
 def test_max_restarts_redoes_only_unfinished_shards(shards, single, tmp_path):
     out = tmp_path / "out"
     marker = tmp_path / "crashed-once"
-    env = {"FEATPIPE_TEST_CRASH": "after-chunk", "FEATPIPE_TEST_CRASH_RANK": "1",
-           "FEATPIPE_TEST_CRASH_ONCE": str(marker)}
-    proc = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-                    *extract_args(shards, out, "--workers", "1"), env=env)
+    env = {
+        "FEATPIPE_TEST_CRASH": "after-chunk",
+        "FEATPIPE_TEST_CRASH_RANK": "1",
+        "FEATPIPE_TEST_CRASH_ONCE": str(marker),
+    }
+    proc = torchrun(
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        *extract_args(shards, out, "--workers", "1"),
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists()  # the crash did happen
     assert "already finished" in proc.stderr and "(0 already finished)" in proc.stderr
@@ -161,7 +175,9 @@ def test_truncated_and_unopenable_shards_are_recorded(shards, single, tmp_path):
     errors = [json.loads(ln) for ln in (out / "errors.jsonl").read_text().splitlines()]
     assert {e["shard"] for e in errors if e["reason"].startswith("shard failed")} == {"shard-000002", "shard-000004"}
     # every sample before the damage is kept, in order, and nothing else is lost
-    rows = {n: json.loads((single / "done" / f"{n}.json").read_text())["rows"] for n in ("shard-000002", "shard-000004")}
+    rows = {
+        n: json.loads((single / "done" / f"{n}.json").read_text())["rows"] for n in ("shard-000002", "shard-000004")
+    }
     full = json.loads((single / "img_list.json").read_text())
     kept = json.loads((out / "img_list.json").read_text())
     assert len(kept) == len(full) - (rows["shard-000002"] - done2["rows"]) - rows["shard-000004"]
@@ -193,7 +209,7 @@ def test_transient_http_errors_are_retried(shards, single, tmp_path):
     served = tmp_path / "www"
     shutil.copytree(shards, served)
     os.rename(served / "shard-000006.tar", served / "shard-000006.always")
-    handler = lambda *a, **kw: _FlakyHandler(*a, directory=str(served), **kw)  # noqa: E731
+    handler = lambda *a, **kw: _FlakyHandler(*a, directory=str(served), **kw)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
@@ -212,5 +228,7 @@ def test_transient_http_errors_are_retried(shards, single, tmp_path):
     assert rec["rows"] == 0 and "gave up after 2 retries" in rec["failed"]
     single_rows = json.loads((single / "img_list.json").read_text())
     got = json.loads((out / "img_list.json").read_text())
-    assert got == single_rows[: len(got)] and len(got) == len(single_rows) - json.loads(
-        (single / "done" / "shard-000006.json").read_text())["rows"]
+    assert (
+        got == single_rows[: len(got)]
+        and len(got) == len(single_rows) - json.loads((single / "done" / "shard-000006.json").read_text())["rows"]
+    )

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import BROKEN, ROOT, VALID, run_cli
 
 HUB = str(ROOT / "pipeline" / "hub")
@@ -42,8 +41,14 @@ def reference_features(paths: list[str], flip: bool = False, keep_ratio: bool = 
     from torchvision import transforms as T
 
     size = 256 if keep_ratio else (256, 256)
-    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     model = torch.hub.load(HUB, "vit_tiny_p14", source="local").eval()
     batch = []
     for p in paths:
@@ -111,9 +116,12 @@ def test_features_match_the_original_preprocessing(extracted, shards, tmp_path, 
     flipped = cosines(ours, reference_features(img_list, flip=True))
     assert np.median(flipped[photo]) < 0.999
     with capsys.disabled():
-        print(f"\nfidelity vs original preprocessing: fast min {cos[photo].min():.6f} mean {cos[photo].mean():.6f}; "
-              f"exact min {cos_exact.min():.7f} mean {cos_exact.mean():.7f}; device (torchvision decode on the CPU) "
-              f"min {cos_device[photo].min():.6f} mean {cos_device[photo].mean():.6f}; mirrored median {np.median(flipped):.4f}")
+        print(
+            f"\nfidelity vs original preprocessing: fast min {cos[photo].min():.6f} mean {cos[photo].mean():.6f}; "
+            f"exact min {cos_exact.min():.7f} mean {cos_exact.mean():.7f}; device (torchvision decode on the CPU) "
+            f"min {cos_device[photo].min():.6f} mean {cos_device[photo].mean():.6f}; "
+            f"mirrored median {np.median(flipped):.4f}"
+        )
 
 
 def test_same_bytes_whatever_the_workers(shards, extracted, tmp_path):
@@ -133,9 +141,24 @@ def committed(out: Path) -> list[Path]:
 def test_kill_then_rerun_gives_identical_bytes(shards, extracted, tmp_path):
     ref_out, _ = extracted
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", str(shards), str(out), *MODEL,
-                             "--workers", "0", "--batch-size", "2", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "extract",
+            str(shards),
+            str(out),
+            *MODEL,
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not committed(out):
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
@@ -190,11 +213,36 @@ def test_brace_pattern_and_list_file(shards, extracted, tmp_path):
 
 def test_seed_compatible_script(sample_dir, tmp_path):
     out = tmp_path / "seed"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "extract_fts.py"), "--data_dir", str(sample_dir),
-                           "--output_dir", str(out), "--batch_size", "8", "--model_repo", HUB,
-                           "--model_name", "vit_tiny_p14", "--resize_size", "256", "--keep_ratio",
-                           "--crop_size", "224", "--torch_features", "feats.pth", "--numpy_features", "feats.npy",
-                           "--img_list", "list.json", "--verbose"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "extract_fts.py"),
+            "--data_dir",
+            str(sample_dir),
+            "--output_dir",
+            str(out),
+            "--batch_size",
+            "8",
+            "--model_repo",
+            HUB,
+            "--model_name",
+            "vit_tiny_p14",
+            "--resize_size",
+            "256",
+            "--keep_ratio",
+            "--crop_size",
+            "224",
+            "--torch_features",
+            "feats.pth",
+            "--numpy_features",
+            "feats.npy",
+            "--img_list",
+            "list.json",
+            "--verbose",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 3, proc.stderr  # the broken files are recorded, the rest embedded
     img_list = json.loads((out / "list.json").read_text())
     assert sorted(img_list) == sorted(f"{sample_dir}/{rel}" for rel in VALID)
@@ -208,14 +256,29 @@ def test_seed_compatible_script(sample_dir, tmp_path):
 def test_seed_script_without_keep_ratio_resizes_to_a_square_like_the_original(sample_dir, tmp_path):
     """The original declares --keep_ratio store_true: its own README example means square resizing."""
     out = tmp_path / "seed-square"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "extract_fts.py"), "--data_dir", str(sample_dir),
-                           "--output_dir", str(out), "--model_repo", HUB, "--model_name", "vit_tiny_p14",
-                           "--num_workers", "1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "extract_fts.py"),
+            "--data_dir",
+            str(sample_dir),
+            "--output_dir",
+            str(out),
+            "--model_repo",
+            HUB,
+            "--model_name",
+            "vit_tiny_p14",
+            "--num_workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 3, proc.stderr
     img_list = json.loads((out / "img_list.json").read_text())
     feats = torch.load(out / "fts.pth", weights_only=True)
     square = cosines(feats, reference_features(img_list, keep_ratio=False))
-    assert square.min() >= 0.9999, dict(zip(img_list, square))
+    assert square.min() >= 0.9999, dict(zip(img_list, square, strict=False))
     # and the check can fail: the aspect-keeping transform gives other features on non-square photos
     assert cosines(feats, reference_features(img_list)).min() < 0.9999
     assert json.loads((out / "run.json").read_text())["settings"]["transform"]["keep_ratio"] is False
@@ -225,8 +288,9 @@ def test_s3_shards_and_output(sample_dir, extracted, s3, s3_server, tmp_path):
     ref_out, _ = extracted
     fs, bucket = s3
     run_cli("pack", sample_dir, f"s3://{bucket}/shards", "--shard-size", "4", env=s3_server)
-    run_cli("extract", f"s3://{bucket}/shards", f"s3://{bucket}/out", *MODEL, "--workers", "2", env=s3_server,
-            check=False)
+    run_cli(
+        "extract", f"s3://{bucket}/shards", f"s3://{bucket}/out", *MODEL, "--workers", "2", env=s3_server, check=False
+    )
     assert fs.cat(f"{bucket}/out/fts.npy") == (ref_out / "fts.npy").read_bytes()
     assert len(fs.glob(f"{bucket}/out/chunks/*.parquet")) == len(list((ref_out / "chunks").glob("*.parquet")))
     local = tmp_path / "from-s3"
@@ -249,7 +313,8 @@ def test_model_that_cannot_run_channels_last_runs_planar(shards, tmp_path):
         "        return y.view(y.shape[0], -1)  # a view that needs a planar convolution output\n\n"
         "def flat(pretrained=False):\n"
         "    torch.manual_seed(0)\n"
-        "    return Flat()\n")
+        "    return Flat()\n"
+    )
     proc = run_cli("extract", shards, tmp_path / "o", "--model-repo", hub, "--model-name", "flat", "-v", check=False)
     assert proc.returncode == 3, proc.stderr  # completed; the truncated JPEG recorded
     assert "model runs planar" in proc.stderr
@@ -262,12 +327,24 @@ def _bad_4d_hub(tmp_path: Path) -> str:
     (hub / "hubconf.py").write_text(
         "dependencies = ['torch']\nimport torch\n\n"
         "def patch_tokens(pretrained=False):\n"
-        "    return torch.nn.Conv2d(3, 8, 14, stride=14)  # (B, 8, 16, 16): not a feature vector\n")
+        "    return torch.nn.Conv2d(3, 8, 14, stride=14)  # (B, 8, 16, 16): not a feature vector\n"
+    )
     return str(hub)
 
 
-@pytest.mark.parametrize("case", ["missing_shards", "empty_list", "unknown_entry", "four_d", "unwritable",
-                                  "cuda_without_gpu", "crop_bigger_than_resize", "offline_github"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_shards",
+        "empty_list",
+        "unknown_entry",
+        "four_d",
+        "unwritable",
+        "cuda_without_gpu",
+        "crop_bigger_than_resize",
+        "offline_github",
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(case, shards, tmp_path):
     out = tmp_path / "out"
     args = [shards, out, *MODEL]
@@ -298,9 +375,16 @@ def test_bad_input_is_one_line_and_writes_nothing(case, shards, tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("featpipe extract: error: "), proc.stderr
-    expect = {"missing_shards": "not found", "empty_list": "empty", "unknown_entry": "no_such_model",
-              "four_d": "(2, 8, 16, 16)", "unwritable": "cannot write", "cuda_without_gpu": "CUDA is not available",
-              "crop_bigger_than_resize": "larger than", "offline_github": "no-such-repo"}[case]
+    expect = {
+        "missing_shards": "not found",
+        "empty_list": "empty",
+        "unknown_entry": "no_such_model",
+        "four_d": "(2, 8, 16, 16)",
+        "unwritable": "cannot write",
+        "cuda_without_gpu": "CUDA is not available",
+        "crop_bigger_than_resize": "larger than",
+        "offline_github": "no-such-repo",
+    }[case]
     assert expect in last
     if case == "offline_github":
         assert "--model-repo PATH" in last or "404" in last
@@ -324,12 +408,14 @@ def test_chunks_read_by_embedding_reader_in_order(extracted):
     from embedding_reader import EmbeddingReader
 
     out, _ = extracted
-    reader = EmbeddingReader(str(out / "chunks"), file_format="parquet", embedding_column="embedding",
-                             meta_columns=["path"])
+    reader = EmbeddingReader(
+        str(out / "chunks"), file_format="parquet", embedding_column="embedding", meta_columns=["path"]
+    )
     assert (reader.count, reader.dimension) == (30, 192)
     embs, paths = [], []
-    for emb, meta in reader(batch_size=7, start=0, end=reader.count, parallel_pieces=1, max_piece_size=8,
-                            show_progress=False):
+    for emb, meta in reader(
+        batch_size=7, start=0, end=reader.count, parallel_pieces=1, max_piece_size=8, show_progress=False
+    ):
         embs.append(emb)
         paths += list(meta["path"])
     assert np.array_equal(np.concatenate(embs), torch.load(out / "fts.pth", weights_only=True).numpy())

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-
 from conftest import BROKEN, VALID, run_cli
+
 from pipeline.errors import UserError
 from pipeline.pack.packer import PackConfig, run_pack
 
@@ -30,7 +30,8 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     manifest = json.loads((folder / "manifest.json").read_text())
     del manifest["destination"]
     return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.tar"))} | {
-        "manifest.json": json.dumps(manifest, sort_keys=True).encode()}
+        "manifest.json": json.dumps(manifest, sort_keys=True).encode()
+    }
 
 
 def test_round_trip_every_valid_image_once_bytes_untouched(sample_dir, tmp_path):
@@ -74,8 +75,9 @@ def test_round_trip_every_valid_image_once_bytes_untouched(sample_dir, tmp_path)
 
 
 def test_decode_check_catches_truncated_jpeg(sample_dir, tmp_path):
-    result = run_pack(PackConfig(src=str(sample_dir / "broken"), dest=str(tmp_path / "s"), check="decode",
-                                 progress=False))
+    result = run_pack(
+        PackConfig(src=str(sample_dir / "broken"), dest=str(tmp_path / "s"), check="decode", progress=False)
+    )
     assert result.manifest["totals"]["samples"] == 0
     reasons = {Path(s["path"]).name: s["reason"] for s in result.manifest["skipped"]}
     assert set(reasons) == {Path(p).name for p in BROKEN}
@@ -112,8 +114,9 @@ def test_shard_bytes_are_what_tarfile_writes(sample_dir, tmp_path):
 
 
 def test_max_shard_bytes_starts_new_shards(sample_dir, tmp_path):
-    result = run_pack(PackConfig(src=str(sample_dir), dest=str(tmp_path / "s"), max_shard_bytes=500_000,
-                                 progress=False))
+    result = run_pack(
+        PackConfig(src=str(sample_dir), dest=str(tmp_path / "s"), max_shard_bytes=500_000, progress=False)
+    )
     sizes = {p.name: p.stat().st_size for p in (tmp_path / "s").glob("shard-*.tar")}
     assert len(sizes) == result.manifest["totals"]["shards"] > 3
     for rec in result.manifest["shards"]:
@@ -138,9 +141,23 @@ def test_resize_max_shrinks_and_records_original_size(sample_dir, tmp_path):
 def test_resume_after_kill_matches_clean_pack(sample_dir, tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     run_cli("pack", sample_dir, clean, "--shard-size", "3", "--workers", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "pack", str(sample_dir), str(killed),
-                             "--shard-size", "3", "--workers", "1", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "pack",
+            str(sample_dir),
+            str(killed),
+            "--shard-size",
+            "3",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 60
     while not (killed / "_commits" / "shard-000000.json").exists():
         assert time.time() < deadline and proc.poll() is None, "pack finished before it could be killed"
@@ -206,8 +223,7 @@ def test_s3_to_s3_and_local_to_s3(sample_dir, tmp_path, s3, s3_server):
         fs.pipe(f"{bucket}/in/{rel}", data)
     for rel, data in BROKEN.items():
         fs.pipe(f"{bucket}/in/{rel}", data)
-    run_cli("pack", f"s3://{bucket}/in", f"s3://{bucket}/shards", "--shard-size", "8", "--workers", "2",
-            env=s3_server)
+    run_cli("pack", f"s3://{bucket}/in", f"s3://{bucket}/shards", "--shard-size", "8", "--workers", "2", env=s3_server)
     run_cli("pack", sample_dir, f"s3://{bucket}/from-local", "--shard-size", "8", env=s3_server)
     local = tmp_path / "local"
     run_cli("pack", sample_dir, local, "--shard-size", "8")

@@ -44,7 +44,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         stack.pop()
@@ -69,7 +69,8 @@ def test_no_import_cycle_in_the_package():
 
 
 def test_pack_command_does_not_load_torch():
-    code = ("import sys; from pipeline.cli import build_parser; import pipeline.pack.packer; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from pipeline.cli import build_parser; import pipeline.pack.packer; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"

@@ -19,8 +19,10 @@ from pipeline.storage import locate
 from pipeline.units import format_bytes, parse_bytes
 
 
-@pytest.mark.parametrize("text,value", [("1000000", 10**6), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30),
-                                        (" 1.5 kb ", 1500), ("3t", 3 * 10**12)])
+@pytest.mark.parametrize(
+    "text,value",
+    [("1000000", 10**6), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), (" 1.5 kb ", 1500), ("3t", 3 * 10**12)],
+)
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
@@ -48,8 +50,11 @@ def _files(sizes: list[int]) -> list[SourceFile]:
 def test_plan_splits_by_count_and_bytes():
     cfg = PackConfig("src", "dest", shard_size=3, max_shard_bytes=100)
     tasks = plan(_files([10, 10, 10, 10, 60, 50, 1]), cfg)
-    assert [[f.relpath for f in t.files] for t in tasks] == [["000.jpg", "001.jpg", "002.jpg"],
-                                                             ["003.jpg", "004.jpg"], ["005.jpg", "006.jpg"]]
+    assert [[f.relpath for f in t.files] for t in tasks] == [
+        ["000.jpg", "001.jpg", "002.jpg"],
+        ["003.jpg", "004.jpg"],
+        ["005.jpg", "006.jpg"],
+    ]
     assert [t.index for t in tasks] == [0, 1, 2]
 
 
@@ -65,8 +70,9 @@ def test_plan_fingerprints_follow_files_and_options():
 
 def test_resolve_brace_list_and_folders(tmp_path):
     refs = resolve_shards("s3://b/shard-{000000..000002}.tar")
-    assert [(r.name, r.url, r.index) for r in refs] == [(f"shard-00000{i}", f"s3://b/shard-00000{i}.tar", i)
-                                                        for i in range(3)]
+    assert [(r.name, r.url, r.index) for r in refs] == [
+        (f"shard-00000{i}", f"s3://b/shard-00000{i}.tar", i) for i in range(3)
+    ]
     (tmp_path / "a").mkdir()
     listing = tmp_path / "list.txt"
     listing.write_text("# shards\n\na/x.tar\n/abs/x.tar\nhttp://h/y.tar\n")
@@ -82,15 +88,20 @@ def test_resolve_brace_list_and_folders(tmp_path):
     for name in ("b.jpg", "a.png", "sub/c.JPG", "notes.txt"):
         (images / name).write_bytes(b"x")
     refs = resolve_shards(str(images), group_size=2)
-    assert [(r.name, r.files) for r in refs] == [("part-000000", (f"{images}/a.png", f"{images}/b.jpg")),
-                                                 ("part-000001", (f"{images}/sub/c.JPG",))]
+    assert [(r.name, r.files) for r in refs] == [
+        ("part-000000", (f"{images}/a.png", f"{images}/b.jpg")),
+        ("part-000001", (f"{images}/sub/c.JPG",)),
+    ]
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: str(p / "missing"), "not found"),
-    (lambda p: (p / "empty.txt").write_text("# none\n") and str(p / "empty.txt"), "empty"),
-    (lambda p: (p / "d").mkdir() or str(p / "d"), "no shards or images"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: str(p / "missing"), "not found"),
+        (lambda p: (p / "empty.txt").write_text("# none\n") and str(p / "empty.txt"), "empty"),
+        (lambda p: (p / "d").mkdir() or str(p / "d"), "no shards or images"),
+    ],
+)
 def test_resolve_refuses(tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         resolve_shards(make(tmp_path))
@@ -161,12 +172,19 @@ def test_verify_accepts_the_hand_built_folder(tmp_path):
     assert problems == [] and summary.startswith("OK: 2 rows from 2 shards; 2 samples recorded as failed")
 
 
-@pytest.mark.parametrize("kind,expect", [
-    ("unfinished", "s1: no chunk and no done record"), ("missing_chunk", "s1: done record says 1 rows but the chunk"),
-    ("rows_mismatch", "s1: chunk has 1 rows, done record says 2"), ("unaccounted", "s1: read 5 samples but 1 rows"),
-    ("fingerprint", "s1: made with other settings"), ("npy_rows", "fts.npy: rows of s1 differ"),
-    ("img_list", "img_list.json: 2 paths that do not match"), ("no_outputs", "missing consolidated output"),
-])
+@pytest.mark.parametrize(
+    "kind,expect",
+    [
+        ("unfinished", "s1: no chunk and no done record"),
+        ("missing_chunk", "s1: done record says 1 rows but the chunk"),
+        ("rows_mismatch", "s1: chunk has 1 rows, done record says 2"),
+        ("unaccounted", "s1: read 5 samples but 1 rows"),
+        ("fingerprint", "s1: made with other settings"),
+        ("npy_rows", "fts.npy: rows of s1 differ"),
+        ("img_list", "img_list.json: 2 paths that do not match"),
+        ("no_outputs", "missing consolidated output"),
+    ],
+)
 def test_verify_names_each_kind_of_damage(tmp_path, kind, expect):
     out = _hand_built_out(tmp_path)
     _damage(out, kind)

@@ -34,10 +34,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
 from make_sample_images import jpeg_bytes, photo  # noqa: E402
 from original_method import ImageFiles, original_transform  # noqa: E402
+from PIL import Image  # noqa: E402
 
 HUB = str(ROOT / "pipeline" / "hub")
 
@@ -131,16 +130,30 @@ def _timed(fn) -> float:
 
 
 def pack(src: Path, dest: Path, workers: int = 1) -> None:
-    run([sys.executable, "-m", "pipeline", "pack", str(src), str(dest), "--workers", str(workers), "--overwrite",
-         "--no-progress", "--shard-size", "64"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "pack",
+            str(src),
+            str(dest),
+            "--workers",
+            str(workers),
+            "--overwrite",
+            "--no-progress",
+            "--shard-size",
+            "64",
+        ]
+    )
 
 
 def data_path(folder: Path, shards: Path, batch: int) -> dict:
     """Images/s on one core: each method in this process, torch limited to one thread."""
     import simplejpeg
 
-    from pipeline.extract.inputs import resolve_shards
     from pipeline.extract.dataset import ShardStream
+    from pipeline.extract.inputs import resolve_shards
     from pipeline.image.transform import TransformConfig
 
     torch.set_num_threads(1)
@@ -151,6 +164,7 @@ def data_path(folder: Path, shards: Path, batch: int) -> dict:
         def go():
             for _ in ShardStream(refs, TransformConfig(mode=mode), batch):
                 pass
+
         return go
 
     def original():
@@ -162,12 +176,19 @@ def data_path(folder: Path, shards: Path, batch: int) -> dict:
             simplejpeg.decode_jpeg(p.read_bytes(), "RGB")
 
     n = len(files)
-    rates = {"original": best_rate(original, n), "plain_decode": best_rate(plain_decode, n),
-             "featpipe_fast": best_rate(ours("fast"), n), "featpipe_exact": best_rate(ours("exact"), n)}
-    return {"images": n, "images_per_s_per_core": {k: round(v, 1) for k, v in rates.items()},
-            "fast_vs_original": round(rates["featpipe_fast"] / rates["original"], 2),
-            "fast_vs_plain_decode": round(rates["featpipe_fast"] / rates["plain_decode"], 2),
-            "exact_vs_original": round(rates["featpipe_exact"] / rates["original"], 2)}
+    rates = {
+        "original": best_rate(original, n),
+        "plain_decode": best_rate(plain_decode, n),
+        "featpipe_fast": best_rate(ours("fast"), n),
+        "featpipe_exact": best_rate(ours("exact"), n),
+    }
+    return {
+        "images": n,
+        "images_per_s_per_core": {k: round(v, 1) for k, v in rates.items()},
+        "fast_vs_original": round(rates["featpipe_fast"] / rates["original"], 2),
+        "fast_vs_plain_decode": round(rates["featpipe_fast"] / rates["plain_decode"], 2),
+        "exact_vs_original": round(rates["featpipe_exact"] / rates["original"], 2),
+    }
 
 
 def fidelity(folder: Path) -> dict:
@@ -188,32 +209,76 @@ def fidelity(folder: Path) -> dict:
     return {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
 
 
-def end_to_end(small: tuple[Path, Path], large: tuple[Path, Path], model: str, workers: int, batch: int,
-               work: Path, compile: bool = False) -> dict:
+def end_to_end(
+    small: tuple[Path, Path],
+    large: tuple[Path, Path],
+    model: str,
+    workers: int,
+    batch: int,
+    work: Path,
+    compile: bool = False,
+) -> dict:
     """Images/s with start-up cancelled: (n_large - n_small) / (t_large - t_small); each set is a
     (folder, shards) pair of the same images."""
     (half_folder, half_shards), (folder, shards) = small, large
+
     def ours(src: Path) -> list[str]:
-        return [sys.executable, "-m", "pipeline", "extract", str(src), str(work / "e2e-ours"), "--model-repo", HUB,
-                "--model-name", model, "--workers", str(workers), "--batch-size", str(batch), "--device", "cpu",
-                "--overwrite", "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "extract",
+            str(src),
+            str(work / "e2e-ours"),
+            "--model-repo",
+            HUB,
+            "--model-name",
+            model,
+            "--workers",
+            str(workers),
+            "--batch-size",
+            str(batch),
+            "--device",
+            "cpu",
+            "--overwrite",
+            "--no-progress",
+        ]
 
     def original(src: Path) -> list[str]:
-        return [sys.executable, str(ROOT / "tools" / "original_method.py"), "--data_dir", str(src), "--output_dir",
-                str(work / "e2e-orig"), "--model_repo", HUB, "--model_name", model, "--batch_size", str(batch),
-                "--num_workers", str(workers)]
+        return [
+            sys.executable,
+            str(ROOT / "tools" / "original_method.py"),
+            "--data_dir",
+            str(src),
+            "--output_dir",
+            str(work / "e2e-orig"),
+            "--model_repo",
+            HUB,
+            "--model_name",
+            model,
+            "--batch_size",
+            str(batch),
+            "--num_workers",
+            str(workers),
+        ]
 
     n_full, n_half = len(list(folder.glob("*.jpg"))), len(list(half_folder.glob("*.jpg")))
     rates = {}
-    for name, cmd in (("featpipe", lambda full: ours(shards if full else half_shards)),
-                      ("original", lambda full: original(folder if full else half_folder))):
+    for name, cmd in (
+        ("featpipe", lambda full: ours(shards if full else half_shards)),
+        ("original", lambda full: original(folder if full else half_folder)),
+    ):
         # best of two for each size: one start-up hiccup in the small run would otherwise make the
         # difference, and the rate, absurd (seen: 17x)
         t_half = min(run(cmd(False))[0] for _ in range(2))
         t_full = min(run(cmd(True))[0] for _ in range(2))
         rates[name] = (n_full - n_half) / max(t_full - t_half, 1e-6)
-    result = {"model": model, "images": n_full, "images_per_s": {k: round(v, 1) for k, v in rates.items()},
-              "featpipe_vs_original": round(rates["featpipe"] / rates["original"], 2)}
+    result = {
+        "model": model,
+        "images": n_full,
+        "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "featpipe_vs_original": round(rates["featpipe"] / rates["original"], 2),
+    }
     if compile:
         # Compiling takes tens of seconds, too variable to cancel by subtraction: this run's
         # steady rate (stats.json, first batch excluded) stands against the same original rate.
@@ -225,23 +290,57 @@ def end_to_end(small: tuple[Path, Path], large: tuple[Path, Path], model: str, w
     return result
 
 
-def peak_memory(folder: Path, shards: Path, big_folder: Path, big_shards: Path, workers: int, batch: int,
-             work: Path) -> dict:
+def peak_memory(
+    folder: Path, shards: Path, big_folder: Path, big_shards: Path, workers: int, batch: int, work: Path
+) -> dict:
     out = {}
     for name, small, big in (("featpipe", shards, big_shards), ("original", folder, big_folder)):
         pss = []
         for src in (small, big):
             if name == "featpipe":
-                cmd = [sys.executable, "-m", "pipeline", "extract", str(src), str(work / "rss-ours"), "--model-repo",
-                       HUB, "--model-name", "vit_tiny_p14", "--workers", str(workers), "--batch-size", str(batch),
-                       "--device", "cpu", "--overwrite", "--no-progress"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "extract",
+                    str(src),
+                    str(work / "rss-ours"),
+                    "--model-repo",
+                    HUB,
+                    "--model-name",
+                    "vit_tiny_p14",
+                    "--workers",
+                    str(workers),
+                    "--batch-size",
+                    str(batch),
+                    "--device",
+                    "cpu",
+                    "--overwrite",
+                    "--no-progress",
+                ]
             else:
-                cmd = [sys.executable, str(ROOT / "tools" / "original_method.py"), "--data_dir", str(src),
-                       "--output_dir", str(work / "rss-orig"), "--model_repo", HUB, "--model_name", "vit_tiny_p14",
-                       "--batch_size", str(batch), "--num_workers", str(workers)]
+                cmd = [
+                    sys.executable,
+                    str(ROOT / "tools" / "original_method.py"),
+                    "--data_dir",
+                    str(src),
+                    "--output_dir",
+                    str(work / "rss-orig"),
+                    "--model_repo",
+                    HUB,
+                    "--model_name",
+                    "vit_tiny_p14",
+                    "--batch_size",
+                    str(batch),
+                    "--num_workers",
+                    str(workers),
+                ]
             pss.append(run(cmd, measure_memory=True)[1])
-        out[name] = {"peak_pss_mb_n": round(pss[0], 1), "peak_pss_mb_10n": round(pss[1], 1),
-                     "growth": round(pss[1] / pss[0], 3)}
+        out[name] = {
+            "peak_pss_mb_n": round(pss[0], 1),
+            "peak_pss_mb_10n": round(pss[1], 1),
+            "growth": round(pss[1] / pss[0], 3),
+        }
     return out
 
 
@@ -249,17 +348,34 @@ def pack_speed(folder: Path, big_folder: Path, workers: int, work: Path) -> dict
     n, n_big = len(list(folder.glob("*.jpg"))), len(list(big_folder.glob("*.jpg")))
     rates = {}
     # small shards, so both runs keep every worker busy and only the image count differs
-    for name, cmd in (("featpipe_pack", lambda src: [sys.executable, "-m", "pipeline", "pack", str(src),
-                                                     str(work / "pack-out"), "--workers", str(workers),
-                                                     "--shard-size", "64", "--overwrite", "--no-progress"]),
-                      ("tar_cf", lambda src: ["tar", "--hard-dereference", "-cf", str(work / "plain.tar"), "-C",
-                                              str(src), "."])):
+    for name, cmd in (
+        (
+            "featpipe_pack",
+            lambda src: [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "pack",
+                str(src),
+                str(work / "pack-out"),
+                "--workers",
+                str(workers),
+                "--shard-size",
+                "64",
+                "--overwrite",
+                "--no-progress",
+            ],
+        ),
+        ("tar_cf", lambda src: ["tar", "--hard-dereference", "-cf", str(work / "plain.tar"), "-C", str(src), "."]),
+    ):
         run(cmd(folder))  # warm the page cache
         t_small, _ = run(cmd(folder))
         t_big, _ = run(cmd(big_folder))
         rates[name] = (n_big - n) / max(t_big - t_small, 1e-6)
-    return {"images_per_s": {k: round(v, 1) for k, v in rates.items()},
-            "pack_vs_tar": round(rates["featpipe_pack"] / rates["tar_cf"], 2)}
+    return {
+        "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "pack_vs_tar": round(rates["featpipe_pack"] / rates["tar_cf"], 2),
+    }
 
 
 def replicate(src: Path, dest: Path, times: int) -> Path:
@@ -297,10 +413,16 @@ def main() -> None:
     if args.images:
         sets = {"custom": args.images}
     else:
-        sets = {"imagenet": make_set(work / "imagenet", imagenet_sizes(args.n), 1000),
-                "phone": make_set(work / "phone", phone_sizes(args.phone_n), 5000)}
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-                                f"torch {torch.__version__}", "data_path": {}, "fidelity": {}}
+        sets = {
+            "imagenet": make_set(work / "imagenet", imagenet_sizes(args.n), 1000),
+            "phone": make_set(work / "phone", phone_sizes(args.phone_n), 5000),
+        }
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+        f"torch {torch.__version__}",
+        "data_path": {},
+        "fidelity": {},
+    }
     for name, folder in sets.items():
         shards = work / f"shards-{name}"
         pack(folder, shards)
@@ -318,8 +440,10 @@ def main() -> None:
     # the cheap model over N → 10·N images; the real one over N/2 → N (it is ~20× slower on a CPU)
     results["end_to_end_cpu"] = [
         end_to_end((main_set, shards), (big, big_shards), "tiny_cnn", args.workers, args.batch_size, work),
-        end_to_end((half, half_shards), (main_set, shards), "resnet18", args.workers, args.batch_size, work,
-                   compile=True)]
+        end_to_end(
+            (half, half_shards), (main_set, shards), "resnet18", args.workers, args.batch_size, work, compile=True
+        ),
+    ]
     print(results["end_to_end_cpu"], flush=True)
     results["peak_memory"] = peak_memory(main_set, shards, big, big_shards, args.workers, args.batch_size, work)
     results["pack"] = pack_speed(main_set, big, args.workers, work)
@@ -333,24 +457,39 @@ def print_table(r: dict) -> None:
     print(f"{'figure':58s} {'featpipe':>10s} {'baseline':>10s} {'ratio':>7s}")
     for name, d in r["data_path"].items():
         ips = d["images_per_s_per_core"]
-        print(f"{'data path img/s/core, ' + name + ', vs original':58s} {ips['featpipe_fast']:10.1f} "
-              f"{ips['original']:10.1f} {d['fast_vs_original']:7.2f}")
-        print(f"{'data path img/s/core, ' + name + ', vs plain decode':58s} {ips['featpipe_fast']:10.1f} "
-              f"{ips['plain_decode']:10.1f} {d['fast_vs_plain_decode']:7.2f}")
+        print(
+            f"{'data path img/s/core, ' + name + ', vs original':58s} {ips['featpipe_fast']:10.1f} "
+            f"{ips['original']:10.1f} {d['fast_vs_original']:7.2f}"
+        )
+        print(
+            f"{'data path img/s/core, ' + name + ', vs plain decode':58s} {ips['featpipe_fast']:10.1f} "
+            f"{ips['plain_decode']:10.1f} {d['fast_vs_plain_decode']:7.2f}"
+        )
         f = r["fidelity"][name]
-        print(f"{'fidelity (cosine) fast vs original, ' + name:58s} mean {f['cosine_mean']:.6f} min {f['cosine_min']:.6f}")
+        print(
+            f"{'fidelity (cosine) fast vs original, ' + name:58s} mean {f['cosine_mean']:.6f} min {f['cosine_min']:.6f}"
+        )
     for e in r["end_to_end_cpu"]:
         ips = e["images_per_s"]
-        print(f"{'end to end img/s (CPU), ' + e['model']:58s} {ips['featpipe']:10.1f} {ips['original']:10.1f} "
-              f"{e['featpipe_vs_original']:7.2f}")
+        print(
+            f"{'end to end img/s (CPU), ' + e['model']:58s} {ips['featpipe']:10.1f} {ips['original']:10.1f} "
+            f"{e['featpipe_vs_original']:7.2f}"
+        )
         if "compiled_images_per_s" in e:
-            print(f"{'end to end img/s (CPU), ' + e['model'] + ' --compile, steady':58s} "
-                  f"{e['compiled_images_per_s']:10.1f} {ips['original']:10.1f} {e['compiled_vs_original']:7.2f}")
+            print(
+                f"{'end to end img/s (CPU), ' + e['model'] + ' --compile, steady':58s} "
+                f"{e['compiled_images_per_s']:10.1f} {ips['original']:10.1f} {e['compiled_vs_original']:7.2f}"
+            )
     for name, d in r["peak_memory"].items():
-        print(f"{'peak PSS MB (process tree) at N → 10N, ' + name:58s} {d['peak_pss_mb_n']:10.1f} {d['peak_pss_mb_10n']:10.1f} "
-              f"{d['growth']:7.3f}")
+        print(
+            f"{'peak PSS MB (process tree) at N → 10N, ' + name:58s} {d['peak_pss_mb_n']:10.1f} "
+            f"{d['peak_pss_mb_10n']:10.1f} "
+            f"{d['growth']:7.3f}"
+        )
     p = r["pack"]["images_per_s"]
-    print(f"{'pack img/s vs tar -cf':58s} {p['featpipe_pack']:10.1f} {p['tar_cf']:10.1f} {r['pack']['pack_vs_tar']:7.2f}")
+    print(
+        f"{'pack img/s vs tar -cf':58s} {p['featpipe_pack']:10.1f} {p['tar_cf']:10.1f} {r['pack']['pack_vs_tar']:7.2f}"
+    )
     print(f"({r['seconds']} s)")
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.cli import main as featpipe  # noqa: E402
-from pipeline.cpu import default_workers  # noqa: E402
+from pipeline.cli import main as featpipe
+from pipeline.cpu import default_workers
 
 
 def _bool(text: str) -> bool:
@@ -56,13 +56,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def featpipe_argv(args: argparse.Namespace) -> list[str]:
     """The same job as `featpipe extract` flags."""
-    return ["extract", args.data_dir, args.output_dir, "--decode", "exact",
-            "--model-repo", args.model_repo, "--model-name", args.model_name,
-            "--batch-size", str(args.batch_size), "--resize-size", str(args.resize_size),
-            "--keep-ratio" if args.keep_ratio else "--no-keep-ratio", "--crop-size", str(args.crop_size),
-            "--torch-features", args.torch_features, "--numpy-features", args.numpy_features,
-            "--img-list", args.img_list, "--workers", str(args.num_workers), "--device", args.device,
-            "--group-size", str(args.group_size), *(["--verbose"] if args.verbose else [])]
+    return [
+        "extract",
+        args.data_dir,
+        args.output_dir,
+        "--decode",
+        "exact",
+        "--model-repo",
+        args.model_repo,
+        "--model-name",
+        args.model_name,
+        "--batch-size",
+        str(args.batch_size),
+        "--resize-size",
+        str(args.resize_size),
+        "--keep-ratio" if args.keep_ratio else "--no-keep-ratio",
+        "--crop-size",
+        str(args.crop_size),
+        "--torch-features",
+        args.torch_features,
+        "--numpy-features",
+        args.numpy_features,
+        "--img-list",
+        args.img_list,
+        "--workers",
+        str(args.num_workers),
+        "--device",
+        args.device,
+        "--group-size",
+        str(args.group_size),
+        *(["--verbose"] if args.verbose else []),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,9 +69,28 @@ def _sync(device: str) -> None:
 
 
 def extract(shards: Path, out: Path, decode: str, device: str, batch: int, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "pipeline", "extract", str(shards), str(out), "--model-repo", HUB, "--model-name",
-           "vit_small_p14", "--decode", decode, "--device", device, "--batch-size", str(batch), "--workers",
-           str(workers), "--overwrite", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        str(shards),
+        str(out),
+        "--model-repo",
+        HUB,
+        "--model-name",
+        "vit_small_p14",
+        "--decode",
+        decode,
+        "--device",
+        device,
+        "--batch-size",
+        str(batch),
+        "--workers",
+        str(workers),
+        "--overwrite",
+        "--no-progress",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode not in (0, 3):
@@ -95,20 +114,45 @@ def main() -> None:
         raise SystemExit(f"gpu_check: no CUDA device (torch {torch.__version__}); --device cpu for a smoke run")
     t0 = time.perf_counter()
     make_images(args.out / "images", args.n)
-    subprocess.run([sys.executable, "-m", "pipeline", "pack", str(args.out / "images"), str(args.out / "shards"),
-                    "--shard-size", "256", "--no-progress"], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "pack",
+            str(args.out / "images"),
+            str(args.out / "shards"),
+            "--shard-size",
+            "256",
+            "--no-progress",
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     gen_s = time.perf_counter() - t0
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "cpu_cores": os.cpu_count(), "images": args.n, "batch_size": args.batch_size, "workers": args.workers,
-              "torch": torch.__version__, "data_generation_s": round(gen_s, 1)}
+    result = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "cpu_cores": os.cpu_count(),
+        "images": args.n,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "torch": torch.__version__,
+        "data_generation_s": round(gen_s, 1),
+    }
     result["model_only_images_per_s"] = round(model_only(args.device, args.batch_size), 1)
     for decode in ("fast", "device"):
-        stats = extract(args.out / "shards", args.out / f"features-{decode}", decode, args.device, args.batch_size,
-                        args.workers)
+        stats = extract(
+            args.out / "shards", args.out / f"features-{decode}", decode, args.device, args.batch_size, args.workers
+        )
         rate = stats["steady_images_per_s"] or stats["streaming_images_per_s"]  # warm-up excluded, as in model_only
-        result[f"extract_{decode}"] = {"images_per_s": rate, "wall_s": stats["wall_s"],
-                                       "stage_seconds": stats["stage_seconds"], "precision": stats["precision"],
-                                       "ratio_to_model_only": round(rate / result["model_only_images_per_s"], 3)}
+        result[f"extract_{decode}"] = {
+            "images_per_s": rate,
+            "wall_s": stats["wall_s"],
+            "stage_seconds": stats["stage_seconds"],
+            "precision": stats["precision"],
+            "ratio_to_model_only": round(rate / result["model_only_images_per_s"], 3),
+        }
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(f"\nmodel only: {result['model_only_images_per_s']} img/s on {result['device']}")

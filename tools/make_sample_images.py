@@ -29,7 +29,11 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
     a = np.asarray(base).astype(np.int16)
     yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(4):  # a few hard-edged shapes, like objects against a background
-        cx, cy, r = rng.randint(0, width), rng.randint(0, height), rng.randint(min(width, height) // 8 + 1, min(width, height) // 3 + 2)
+        cx, cy, r = (
+            rng.randint(0, width),
+            rng.randint(0, height),
+            rng.randint(min(width, height) // 8 + 1, min(width, height) // 3 + 2),
+        )
         mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
         a[mask] = a[mask] // 2 + rng.randint(0, 128, size=3)
     a += rng.randint(-6, 7, size=a.shape, dtype=np.int16)
@@ -67,8 +71,10 @@ def valid_images() -> dict[str, bytes]:
     files["formats/cmyk.jpg"] = jpeg_bytes(photo(400, 300, seed=104).convert("CMYK"))
     files["formats/palette.gif"] = _encode(photo(300, 300, seed=105).quantize(64), "GIF")
     frames = [photo(200, 150, seed=106 + k).quantize(32) for k in range(3)]
-    files["formats/animated.gif"] = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    sixteen = (np.asarray(photo(320, 240, seed=109).convert("L")).astype(np.uint16) * 257)
+    files["formats/animated.gif"] = _encode(
+        frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0
+    )
+    sixteen = np.asarray(photo(320, 240, seed=109).convert("L")).astype(np.uint16) * 257
     files["formats/sixteen_bit.png"] = _encode(Image.fromarray(sixteen), "PNG")
     files["formats/photo.webp"] = _encode(photo(480, 360, seed=110), "WEBP", quality=85)
     files["formats/photo.bmp"] = _encode(photo(300, 200, seed=111), "BMP")
@@ -103,6 +109,7 @@ def broken_images() -> dict[str, bytes]:
 
 def _png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims width×height pixels but carries almost no data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
@@ -110,8 +117,11 @@ def _png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-OTHER_FILES = {"README.txt": b"sample images for featpipe\n", "photos/.DS_Store": b"\0\0\0\1Bud1",
-               "nested/notes.md": b"# not an image\n"}
+OTHER_FILES = {
+    "README.txt": b"sample images for featpipe\n",
+    "photos/.DS_Store": b"\0\0\0\1Bud1",
+    "nested/notes.md": b"# not an image\n",
+}
 
 
 def main() -> None:
@@ -123,7 +133,10 @@ def main() -> None:
     for rel, data in files.items():
         _save(args.dest / rel, data)
     n_img = len(valid_images())
-    print(f"wrote {n_img} valid images{' + 4 broken' if args.broken else ''} and {len(OTHER_FILES)} other files to {args.dest}")
+    print(
+        f"wrote {n_img} valid images{' + 4 broken' if args.broken else ''} and {len(OTHER_FILES)} other files "
+        f"to {args.dest}"
+    )
 
 
 if __name__ == "__main__":

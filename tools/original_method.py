@@ -37,8 +37,14 @@ class ImageFiles(Dataset):
 
 def original_transform(resize_size: int = 256, crop_size: int = 224, keep_ratio: bool = True) -> T.Compose:
     size = resize_size if keep_ratio else (resize_size, resize_size)
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop_size),
-                      T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(crop_size),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
 
 
 def main() -> None:

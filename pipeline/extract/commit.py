@@ -33,8 +33,9 @@ class ChunkCommitter:
         """A batch's embedded rows; on the shard's last batch, its commit is queued."""
         rows = self.rows(batch.shard)
         if feats is not None:
-            rows.add([batch.keys[i] for i in keep], [batch.paths[i] for i in keep], [batch.indices[i] for i in keep],
-                     feats)
+            rows.add(
+                [batch.keys[i] for i in keep], [batch.paths[i] for i in keep], [batch.indices[i] for i in keep], feats
+            )
         if batch.end is not None:
             self.writes.append(self.pool.submit(self._commit, self.pending.pop(batch.shard), batch.end))
             with self.timer.waiting_for_writes():
@@ -45,7 +46,7 @@ class ChunkCommitter:
             self._drain(keep=0)
         self.pool.shutdown()
 
-    def __enter__(self) -> "ChunkCommitter":
+    def __enter__(self) -> ChunkCommitter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -59,8 +60,19 @@ class ChunkCommitter:
         if len(rows):
             write_chunk(self.out, rows)
         errors = sorted(end.errors + rows.errors, key=lambda e: e.index)
-        write_done(self.out, DoneRecord(rows.shard, len(rows), end.read, errors, end.failed, rows.dim,
-                                        f"{CHUNKS}/{rows.shard}.parquet" if len(rows) else None, self.fingerprint))
+        write_done(
+            self.out,
+            DoneRecord(
+                rows.shard,
+                len(rows),
+                end.read,
+                errors,
+                end.failed,
+                rows.dim,
+                f"{CHUNKS}/{rows.shard}.parquet" if len(rows) else None,
+                self.fingerprint,
+            ),
+        )
         crash_point("after-chunk", self.rank)  # test-only: dies here once the first chunk is committed
 
     def _drain(self, keep: int) -> None:

@@ -40,8 +40,10 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
         except FileNotFoundError:
             missing.append(shard)
     if missing:
-        raise UserError(f"{len(missing)} of {len(run.shard_names)} shards are not finished (first: {missing[0]}); "
-                        "rerun the same extract command to finish them")
+        raise UserError(
+            f"{len(missing)} of {len(run.shard_names)} shards are not finished (first: {missing[0]}); "
+            "rerun the same extract command to finish them"
+        )
     rows = sum(r.rows for r in records)
     dims = {r.dim for r in records if r.rows}
     if len(dims) > 1:
@@ -62,8 +64,8 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
                 if rec.rows:
                     table = read_chunk(out, rec.shard)
                     mat = chunk_matrix(table)
-                    f32[row:row + len(mat)] = mat
-                    f16[row:row + len(mat)] = mat
+                    f32[row : row + len(mat)] = mat
+                    f16[row : row + len(mat)] = mat
                     for p in table.column("path").to_pylist():
                         img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
                         row += 1
@@ -81,8 +83,12 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
         with open(pth_staged, "wb") as f:
             torch.save(torch.from_numpy(f32), f)
         del f32
-        for staged, name in ((npy_staged, names.numpy_features), (pth_staged, names.torch_features),
-                             (list_staged, names.img_list), (err_staged, names.errors)):
+        for staged, name in (
+            (npy_staged, names.numpy_features),
+            (pth_staged, names.torch_features),
+            (list_staged, names.img_list),
+            (err_staged, names.errors),
+        ):
             commit_file(out.fs, staged, out.join(name))
             crash_point("consolidate")
     return Consolidated(rows, dim, n_errors, [r.shard for r in records if r.failed])

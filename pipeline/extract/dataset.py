@@ -4,8 +4,8 @@ chunk can be committed as soon as its last batch is embedded."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -32,15 +32,16 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread: page-locked crops copy to the GPU asynchronously."""
         self.images = self.images.pin_memory()
         return self
 
 
 class ShardStream(IterableDataset):
-    def __init__(self, shards: list[ShardRef], transform: TransformConfig, batch_size: int,
-                 read: ReadConfig = ReadConfig()):
+    def __init__(
+        self, shards: list[ShardRef], transform: TransformConfig, batch_size: int, read: ReadConfig = ReadConfig()
+    ):
         self.shards = shards
         self.transform = transform
         self.batch_size = batch_size
@@ -48,7 +49,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         for shard in mine:
             yield from self._shard_batches(shard)
 
@@ -80,8 +81,12 @@ def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[torch.Tens
         return None, f"decode failed: {reason(exc)}"
 
 
-def _batch(shard: ShardRef, items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]], cfg: TransformConfig,
-           report: ShardReport | None) -> Batch:
+def _batch(
+    shard: ShardRef,
+    items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]],
+    cfg: TransformConfig,
+    report: ShardReport | None,
+) -> Batch:
     """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills.
     Channels-last, the layout the decoder and the resize produce: stacking is then a plain copy
     (a planar batch cost ~0.2 ms per image in the worker); the device makes it planar."""
@@ -93,5 +98,12 @@ def _batch(shard: ShardRef, items: list[tuple[RawSample, torch.Tensor | DeviceJp
             jpegs.append(c)
         else:
             images[i] = c
-    return Batch(shard.name, images, jpegs, [r.key for r, _ in items], [r.path for r, _ in items],
-                 [r.index for r, _ in items], report)
+    return Batch(
+        shard.name,
+        images,
+        jpegs,
+        [r.key for r, _ in items],
+        [r.path for r, _ in items],
+        [r.index for r, _ in items],
+        report,
+    )

@@ -59,17 +59,23 @@ def _from_folder(loc: Location, spec: str, group_size: int) -> list[ShardRef]:
     try:
         refs = folder_as_shards(spec, group_size)
     except UserError:
-        raise UserError(f"no shards or images in {spec}: expected manifest.json, *.tar or image files "
-                        "(run `featpipe pack` first, or point at a list file or brace pattern)") from None
-    log.info("%s holds no shards: streaming its %d images directly in groups of %d (no pack step)",
-             spec, sum(len(r.files) for r in refs), group_size)
+        raise UserError(
+            f"no shards or images in {spec}: expected manifest.json, *.tar or image files "
+            "(run `featpipe pack` first, or point at a list file or brace pattern)"
+        ) from None
+    log.info(
+        "%s holds no shards: streaming its %d images directly in groups of %d (no pack step)",
+        spec,
+        sum(len(r.files) for r in refs),
+        group_size,
+    )
     return refs
 
 
 def folder_as_shards(folder: str, group_size: int) -> list[ShardRef]:
     """A plain image folder, streamed directly: sorted files in groups that act as shards."""
     paths = [f.path for f in list_images(folder).files]
-    groups = [tuple(paths[i:i + group_size]) for i in range(0, len(paths), group_size)]
+    groups = [tuple(paths[i : i + group_size]) for i in range(0, len(paths), group_size)]
     return [ShardRef(f"part-{g:0{SHARD_DIGITS}d}", folder, len(files), files, g) for g, files in enumerate(groups)]
 
 
@@ -91,8 +97,10 @@ def _read_list(loc: Location) -> list[str]:
 def _named(entries: list[tuple[str, int | None]]) -> list[ShardRef]:
     stems = [_stem(u) for u, _ in entries]
     unique = len(set(stems)) == len(stems)
-    return [ShardRef(stem if unique else f"{i:06d}-{stem}", url, n, index=i)
-            for i, ((url, n), stem) in enumerate(zip(entries, stems))]
+    return [
+        ShardRef(stem if unique else f"{i:06d}-{stem}", url, n, index=i)
+        for i, ((url, n), stem) in enumerate(zip(entries, stems, strict=False))
+    ]
 
 
 def _stem(url: str) -> str:

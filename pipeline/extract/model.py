@@ -15,9 +15,11 @@ from pipeline.errors import UserError, first_line
 
 _GITHUB_REPO = re.compile(r"[\w.-]+/[\w.-]+(:[\w./-]+)?")
 LOCAL_HUB = Path(__file__).resolve().parents[1] / "hub"
-_OFFLINE_HELP = ("offline options: a TORCH_HOME that already caches the repo (and its weights), or "
-                 "--model-repo PATH to a local checkout or any directory with a hubconf.py, with --weights FILE "
-                 f"for local weights (featpipe ships an offline one: {LOCAL_HUB})")
+_OFFLINE_HELP = (
+    "offline options: a TORCH_HOME that already caches the repo (and its weights), or "
+    "--model-repo PATH to a local checkout or any directory with a hubconf.py, with --weights FILE "
+    f"for local weights (featpipe ships an offline one: {LOCAL_HUB})"
+)
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,18 @@ def _hub_load(cfg: ModelConfig, kwargs: dict) -> torch.nn.Module:
         except RuntimeError as exc:
             if "Cannot find callable" not in str(exc):
                 raise
-            raise UserError(f"no entry {cfg.name!r} in {cfg.repo}/hubconf.py; it has: "
-                            f"{', '.join(_local_entries(cfg.repo))}") from None
+            raise UserError(
+                f"no entry {cfg.name!r} in {cfg.repo}/hubconf.py; it has: {', '.join(_local_entries(cfg.repo))}"
+            ) from None
     repo = _cached_ref(cfg.repo)
     try:
-        return torch.hub.load(repo, cfg.name, source="github", trust_repo=True, skip_validation=True,
-                              verbose=False, **kwargs)
+        return torch.hub.load(
+            repo, cfg.name, source="github", trust_repo=True, skip_validation=True, verbose=False, **kwargs
+        )
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-        raise UserError(f"cannot fetch {cfg.repo} / {cfg.name} from the network ({_reason(exc)}); "
-                        f"{_OFFLINE_HELP}") from None
+        raise UserError(
+            f"cannot fetch {cfg.repo} / {cfg.name} from the network ({_reason(exc)}); {_OFFLINE_HELP}"
+        ) from None
     except RuntimeError as exc:
         if "internet" in str(exc) or "Cannot find callable" in str(exc):
             raise UserError(f"{cfg.repo} / {cfg.name}: {first_line(exc)}; {_OFFLINE_HELP}") from None
@@ -96,8 +101,13 @@ def _local_entries(repo: str) -> list[str]:
     spec = importlib.util.spec_from_file_location("featpipe_hubconf", os.path.join(repo, "hubconf.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return sorted(n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")
-                  and getattr(getattr(module, n), "__module__", None) == module.__name__)
+    return sorted(
+        n
+        for n in dir(module)
+        if callable(getattr(module, n))
+        and not n.startswith("_")
+        and getattr(getattr(module, n), "__module__", None) == module.__name__
+    )
 
 
 def _cached_ref(repo: str) -> str:
@@ -133,12 +143,14 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         lines = str(exc).splitlines()
-        raise UserError(f"--weights {path} do not fit the model: {lines[1].strip() if len(lines) > 1 else first_line(exc)}"
-                        ) from None
+        raise UserError(
+            f"--weights {path} do not fit the model: {lines[1].strip() if len(lines) > 1 else first_line(exc)}"
+        ) from None
 
 
 def check_output(out: torch.Tensor, batch: int) -> None:
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"the model must return a 2-D (batch, dim) tensor of features; for a batch of {batch} "
-                        f"it returned {shape}")
+        raise UserError(
+            f"the model must return a 2-D (batch, dim) tensor of features; for a batch of {batch} it returned {shape}"
+        )

@@ -8,8 +8,8 @@ import json
 import logging
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import fsspec
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -22,8 +22,15 @@ from pipeline.shardformat import sample_key
 log = logging.getLogger("featpipe")
 
 # Errors that no retry will mend: the shard is missing, forbidden, or its bytes are damaged.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, tarfile.TarError,
-              EOFError, ValueError)
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    tarfile.TarError,
+    EOFError,
+    ValueError,
+)
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,10 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
         except Exception as exc:  # connection reset, timeout, a 5xx in the backend's own error type
             attempt += 1
             if attempt > read.retries:
-                report.failed = (f"gave up after {read.retries} retries: {type(exc).__name__}: {_first_arg(exc)} "
-                                 f"(after {report.read} samples)")
+                report.failed = (
+                    f"gave up after {read.retries} retries: {type(exc).__name__}: {_first_arg(exc)} "
+                    f"(after {report.read} samples)"
+                )
                 break
             log.warning("shard %s: %s; retry %d of %d", shard.url, first_line(exc), attempt, read.retries)
             time.sleep(read.backoff_s * 2 ** (attempt - 1))

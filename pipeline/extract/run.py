@@ -19,14 +19,25 @@ from pipeline.extract.commit import ChunkCommitter
 from pipeline.extract.consolidate import Consolidated, consolidate
 from pipeline.extract.dataset import Batch, ShardStream
 from pipeline.extract.inputs import DEFAULT_GROUP_SIZE, ShardRef, resolve_shards
-from pipeline.extract.model import ModelConfig, check as check_model, check_output, load_model
+from pipeline.extract.model import ModelConfig, check_output, load_model
+from pipeline.extract.model import check as check_model
 from pipeline.extract.reader import ReadConfig
 from pipeline.extract.runner import ModelRunner
 from pipeline.extract.timing import StageTimer
 from pipeline.image.device import decode_on_device
 from pipeline.image.transform import TransformConfig
-from pipeline.outdir import (CHUNKS, DONE, STATS_FILE, OutputNames, RunInfo, ShardEntry, check_compatible, clear,
-                             finished, write_run)
+from pipeline.outdir import (
+    CHUNKS,
+    DONE,
+    STATS_FILE,
+    OutputNames,
+    RunInfo,
+    ShardEntry,
+    check_compatible,
+    clear,
+    finished,
+    write_run,
+)
 from pipeline.storage import Location, commit_json, ensure_writable, locate, remove_stale_temps
 
 log = logging.getLogger("featpipe")
@@ -63,8 +74,10 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {requested} but CUDA is not available here "
-                            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu to run on the CPU")
+            raise UserError(
+                f"--device {requested} but CUDA is not available here "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu to run on the CPU"
+            )
         return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
     if requested == "cpu":
         return torch.device("cpu")
@@ -109,13 +122,21 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         log.warning("no CUDA device: running on the CPU")
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(model_threads())
-    log.info("model %s / %s (%d-dim) on %s, %s, %d shards%s", cfg.model.repo, cfg.model.name, dim, device,
-             precision_name, len(shards), f", rank {ctx.rank} of {ctx.world}" if ctx.active else "")
+    log.info(
+        "model %s / %s (%d-dim) on %s, %s, %d shards%s",
+        cfg.model.repo,
+        cfg.model.name,
+        dim,
+        device,
+        precision_name,
+        len(shards),
+        f", rank {ctx.rank} of {ctx.world}" if ctx.active else "",
+    )
     dist.init(ctx, device, cfg.barrier_timeout_s)
     try:
         _prepare_out(out, run, cfg, ctx)
         # Split the full list first, then skip finished shards: every rank agrees on who does what.
-        mine = shards[ctx.rank::ctx.world]
+        mine = shards[ctx.rank :: ctx.world]
         done = finished(out)
         todo = [s for s in mine if s.name not in done]
         log.info("%d of this rank's %d shards to do (%d already finished)", len(todo), len(mine), len(mine) - len(todo))
@@ -145,8 +166,9 @@ def _make_run(cfg: ExtractConfig, precision: str, shards: list[ShardRef], dim: i
     return RunInfo(settings, [ShardEntry(s.name, s.url, s.expected) for s in shards], dim, {"embedder": source})
 
 
-def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
-                   ) -> tuple[torch.nn.Module, int, bool]:
+def _prepare_model(
+    cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
+) -> tuple[torch.nn.Module, int, bool]:
     """The model on the device, tried on a dry batch before anything is written, its output size,
     and whether it runs channels-last. Channels-last first, weights and input: convolutions run
     faster so (resnet18 on 2 CPU cores: 27 → 34 img/s; tiny_cnn's step 0.36 → 0.24 ms per image;
@@ -162,8 +184,10 @@ def _prepare_model(cfg: ExtractConfig, device: torch.device, amp: torch.dtype | 
         except Exception as exc:
             failure = exc
     else:
-        raise UserError(f"model {cfg.model.name} failed on a {tuple(probe.shape)} batch: "
-                        f"{type(failure).__name__}: {first_line(failure)}")
+        raise UserError(
+            f"model {cfg.model.name} failed on a {tuple(probe.shape)} batch: "
+            f"{type(failure).__name__}: {first_line(failure)}"
+        )
     log.debug("model runs %s", "channels-last" if channels_last else "planar")
     check_output(out, 2)
     return model, int(out.shape[1]), channels_last
@@ -181,8 +205,15 @@ def _prepare_out(out: Location, run: RunInfo, cfg: ExtractConfig, ctx: dist.Dist
         check_compatible(out, run)
 
 
-def _embed(todo: list[ShardRef], runner: ModelRunner, cfg: ExtractConfig, device: torch.device, out: Location,
-           fingerprint: str, ctx: dist.DistContext) -> StageTimer:
+def _embed(
+    todo: list[ShardRef],
+    runner: ModelRunner,
+    cfg: ExtractConfig,
+    device: torch.device,
+    out: Location,
+    fingerprint: str,
+    ctx: dist.DistContext,
+) -> StageTimer:
     """Batches through the model, rows to the committer. Each batch's features are read back only
     after the next batch is queued on the device: reading them waits for the device, which then
     has the next batch to work on instead of idling while this process fetches it."""
@@ -210,15 +241,25 @@ def _embed(todo: list[ShardRef], runner: ModelRunner, cfg: ExtractConfig, device
 
 def _loader(todo: list[ShardRef], cfg: ExtractConfig, device: torch.device) -> DataLoader:
     workers = min(cfg.workers, len(todo))
-    return DataLoader(ShardStream(todo, cfg.transform, cfg.batch_size, cfg.read), batch_size=None,
-                      num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=4 if workers else None, worker_init_fn=_worker_init)
+    return DataLoader(
+        ShardStream(todo, cfg.transform, cfg.batch_size, cfg.read),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_worker_init,
+    )
 
 
 def _progress_bar(todo: list[ShardRef], cfg: ExtractConfig, ctx: dist.DistContext) -> tqdm:
     total = sum(s.expected for s in todo) if all(s.expected is not None for s in todo) else None
-    return tqdm(total=total, unit="img", desc=f"extract[{ctx.rank}]" if ctx.active else "extract",
-                disable=not cfg.progress, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        unit="img",
+        desc=f"extract[{ctx.rank}]" if ctx.active else "extract",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
 
 
 def _read_back(committer: ChunkCommitter, batch: Batch, keep: list[int], feats: torch.Tensor | None) -> int:
@@ -229,8 +270,9 @@ def _read_back(committer: ChunkCommitter, batch: Batch, keep: list[int], feats: 
     return len(batch) + (len(batch.end.errors) if batch.end is not None else 0)
 
 
-def _on_device(batch: Batch, device: torch.device, transform: TransformConfig, errors: list[SampleError]
-               ) -> tuple[torch.Tensor, list[int]]:
+def _on_device(
+    batch: Batch, device: torch.device, transform: TransformConfig, errors: list[SampleError]
+) -> tuple[torch.Tensor, list[int]]:
     """The batch's uint8 crops on the device, with JPEGs left for the device decoded into their
     slots; a slot that fails to decode is recorded in `errors` and dropped."""
     images = batch.images.to(device, non_blocking=True)
@@ -252,21 +294,41 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _stats(cfg: ExtractConfig, device: torch.device, precision: str, dim: int, timer: StageTimer,
-           consolidate_s: float | None, result: Consolidated | None, seconds: float, ctx: dist.DistContext) -> dict:
+def _stats(
+    cfg: ExtractConfig,
+    device: torch.device,
+    precision: str,
+    dim: int,
+    timer: StageTimer,
+    consolidate_s: float | None,
+    result: Consolidated | None,
+    seconds: float,
+    ctx: dist.DistContext,
+) -> dict:
     stages = timer.stage_seconds()
     if consolidate_s is not None:
         stages["consolidate_s"] = round(consolidate_s, 3)
     streaming = timer.streaming_s
-    stats = {"device": str(device), "precision": precision, "model": {"repo": cfg.model.repo, "name": cfg.model.name},
-             "dim": dim, "rank": ctx.rank, "world_size": ctx.world, "workers": cfg.workers,
-             "batch_size": cfg.batch_size, "seconds": round(seconds, 3),
-             "embedded_this_run": timer.images, "shards_this_run": timer.shards,
-             "images_per_s": round(timer.images / seconds, 2) if seconds else None,
-             # the streaming phase alone: no start-up, model loading or consolidation
-             "streaming_images_per_s": round(timer.images / streaming, 2) if streaming else None,
-             # and without its first batch (worker start, warm-up, compilation)
-             "steady_images_per_s": timer.steady_rate(), "compiled": timer.compiled, "stage_seconds": stages}
+    stats = {
+        "device": str(device),
+        "precision": precision,
+        "model": {"repo": cfg.model.repo, "name": cfg.model.name},
+        "dim": dim,
+        "rank": ctx.rank,
+        "world_size": ctx.world,
+        "workers": cfg.workers,
+        "batch_size": cfg.batch_size,
+        "seconds": round(seconds, 3),
+        "embedded_this_run": timer.images,
+        "shards_this_run": timer.shards,
+        "images_per_s": round(timer.images / seconds, 2) if seconds else None,
+        # the streaming phase alone: no start-up, model loading or consolidation
+        "streaming_images_per_s": round(timer.images / streaming, 2) if streaming else None,
+        # and without its first batch (worker start, warm-up, compilation)
+        "steady_images_per_s": timer.steady_rate(),
+        "compiled": timer.compiled,
+        "stage_seconds": stages,
+    }
     if result is not None:
         stats.update(rows=result.rows, errors=result.errors, failed_shards=result.failed_shards)
     return stats
@@ -276,7 +338,9 @@ def summary(stats: dict, out: str, names: OutputNames) -> str:
     if "rows" not in stats:
         return f"rank {stats['rank']}: embedded {stats['embedded_this_run']} images; rank 0 consolidates"
     failed = f", {len(stats['failed_shards'])} shards failed" if stats["failed_shards"] else ""
-    return (f"{stats['rows']} images embedded ({stats['dim']}-dim, {stats['device']}, {stats['precision']}), "
-            f"{stats['errors']} failed{failed}: {out}/{names.numpy_features}, {names.torch_features}, "
-            f"{names.img_list}; failures in {names.errors}; {stats['embedded_this_run']} new this run at "
-            f"{stats['images_per_s']} img/s")
+    return (
+        f"{stats['rows']} images embedded ({stats['dim']}-dim, {stats['device']}, {stats['precision']}), "
+        f"{stats['errors']} failed{failed}: {out}/{names.numpy_features}, {names.torch_features}, "
+        f"{names.img_list}; failures in {names.errors}; {stats['embedded_this_run']} new this run at "
+        f"{stats['images_per_s']} img/s"
+    )

@@ -21,8 +21,15 @@ class ModelRunner:
     padded to `batch_size` so the compiled graph sees one shape (a shard's short last batch would
     otherwise cost a second compilation); if compiling fails, the run goes on eagerly."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int,
-                 channels_last: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        amp: torch.dtype | None,
+        batch_size: int,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
         self.model, self.device, self.amp, self.batch_size = model, device, amp, batch_size
         self.normalize = Normalizer(device, channels_last)
         self.compiled = torch.compile(model, dynamic=False) if compile else None
@@ -40,15 +47,17 @@ class ModelRunner:
             n = x.shape[0]
             if n < self.batch_size:
                 pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
-                x = torch.cat([x, pad.contiguous(memory_format=torch.channels_last) if self.normalize.channels_last
-                               else pad])
+                x = torch.cat(
+                    [x, pad.contiguous(memory_format=torch.channels_last) if self.normalize.channels_last else pad]
+                )
             try:
                 out = self.compiled(x)
             except Exception as exc:
                 if self._compiled_ran:
                     raise
-                log.warning("torch.compile failed (%s: %s); running the model eagerly", type(exc).__name__,
-                            first_line(exc))
+                log.warning(
+                    "torch.compile failed (%s: %s); running the model eagerly", type(exc).__name__, first_line(exc)
+                )
                 self.compiled = None
                 return self.model(x[:n])
             self._compiled_ran = True

@@ -4,8 +4,9 @@ the first batch (worker start, warm-up, compiling) apart from the steady rate.""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

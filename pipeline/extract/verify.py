@@ -22,8 +22,10 @@ def verify(out_url: str, shards_spec: str | None, names: OutputNames = OutputNam
     if shards_spec:
         listed = resolve_shards(shards_spec)
         if [s.name for s in listed] != run.shard_names:
-            problems.append(f"the run in OUT covers {len(run.shards)} shards, {shards_spec} lists {len(listed)}"
-                            " (or in another order)")
+            problems.append(
+                f"the run in OUT covers {len(run.shards)} shards, {shards_spec} lists {len(listed)}"
+                " (or in another order)"
+            )
         expected.update({s.name: s.expected for s in listed if s.expected is not None})
     paths: list[str] = []
     mats: list[tuple[str, np.ndarray]] = []
@@ -61,14 +63,17 @@ def verify(out_url: str, shards_spec: str | None, names: OutputNames = OutputNam
         mats.append((shard, chunk_matrix(table)))
     if not problems:
         problems += _check_outputs(out, names, paths, mats, run.dim)
-    summary = (f"{'OK' if not problems else 'FAILED'}: {len(paths)} rows from {len(run.shards)} shards; "
-               f"{n_errors} samples recorded as failed, {n_failed} shards recorded as failed"
-               + (f"; {len(problems)} problems" if problems else ""))
+    summary = (
+        f"{'OK' if not problems else 'FAILED'}: {len(paths)} rows from {len(run.shards)} shards; "
+        f"{n_errors} samples recorded as failed, {n_failed} shards recorded as failed"
+        + (f"; {len(problems)} problems" if problems else "")
+    )
     return problems, summary
 
 
-def _check_outputs(out: Location, names: OutputNames, paths: list[str], mats: list[tuple[str, np.ndarray]],
-                   run_dim: int | None) -> list[str]:
+def _check_outputs(
+    out: Location, names: OutputNames, paths: list[str], mats: list[tuple[str, np.ndarray]], run_dim: int | None
+) -> list[str]:
     problems = []
     n = len(paths)
     dim = mats[0][1].shape[1] if mats else (run_dim or 0)

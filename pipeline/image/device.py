@@ -35,8 +35,9 @@ def device_decodable(data: bytes) -> tuple[bool, int]:
     return head.plain_jpeg, head.orientation
 
 
-def decode_on_device(jpegs: list[DeviceJpeg], device: torch.device, cfg: TransformConfig
-                     ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+def decode_on_device(
+    jpegs: list[DeviceJpeg], device: torch.device, cfg: TransformConfig
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Crops (3, C, C) uint8 on `device` by slot, and the reason for each slot that failed."""
     if not jpegs:
         return {}, {}
@@ -51,7 +52,7 @@ def decode_on_device(jpegs: list[DeviceJpeg], device: torch.device, cfg: Transfo
             except Exception as exc:
                 images.append(None)
                 failed[j.slot] = f"decode failed on {device.type}: {reason(exc)}"
-    for j, im in zip(jpegs, images):
+    for j, im in zip(jpegs, images, strict=False):
         if im is not None:
             crops[j.slot] = resize_crop_tensor(_orient(im, j.rotation), cfg)
     return crops, failed

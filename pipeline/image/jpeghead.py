@@ -29,10 +29,10 @@ def read_header(data: bytes) -> JpegHeader | None:
     while i <= end:
         if data[i] != 0xFF or not 0xC0 <= data[i + 1] <= 0xFE or 0xD0 <= data[i + 1] <= 0xD9:
             return None
-        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
         if length < 2 or i + 2 + length > len(data):
             return None
-        body = data[i + 4:i + 2 + length]
+        body = data[i + 4 : i + 2 + length]
         if marker in _SOF:
             if size is not None or len(body) < 6 or body[0] != 8 or body[5] not in (1, 3, 4):
                 return None

@@ -40,8 +40,12 @@ class TransformConfig:
     mode: str = "fast"  # "exact", or "device": plain JPEGs are decoded on the model's device
 
     def fingerprint(self) -> dict:
-        return {"resize_size": self.resize_size, "crop_size": self.crop_size, "keep_ratio": self.keep_ratio,
-                "mode": self.mode}
+        return {
+            "resize_size": self.resize_size,
+            "crop_size": self.crop_size,
+            "keep_ratio": self.keep_ratio,
+            "mode": self.mode,
+        }
 
 
 def crop_uint8(data: bytes, cfg: TransformConfig) -> torch.Tensor:
@@ -64,8 +68,13 @@ def decode_fast(data: bytes, target_short: int) -> tuple[np.ndarray, tuple[int, 
     reduce = min(full) >= 2 * target_short
     if head.plain_jpeg and simplejpeg is not None:
         # No fastdct/fastupsample: measured, they cost fidelity (cosine min 0.996) for little speed.
-        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=target_short if reduce else 0,
-                                        min_width=target_short if reduce else 0, min_factor=2 if reduce else 1)
+        pixels = simplejpeg.decode_jpeg(
+            data,
+            "RGB",
+            min_height=target_short if reduce else 0,
+            min_width=target_short if reduce else 0,
+            min_factor=2 if reduce else 1,
+        )
     else:
         pixels = np.asarray(to_rgb(load_first_frame(head.image or open_lazy(data), target_short)))
     if rotation in ORIENTATION_TRANSPOSE:
@@ -88,14 +97,16 @@ def resized_geometry(w: int, h: int, cfg: TransformConfig) -> tuple[int, int, in
     return new_w, new_h, int(round((new_w - c) / 2.0)), int(round((new_h - c) / 2.0))
 
 
-def resize_crop_tensor(im: torch.Tensor, cfg: TransformConfig, full_size: tuple[int, int] | None = None) -> torch.Tensor:
+def resize_crop_tensor(
+    im: torch.Tensor, cfg: TransformConfig, full_size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """(3, H, W) uint8 → (3, crop, crop): bicubic with antialiasing (Pillow's filter, in torch's
     vectorised uint8 kernel), geometry from `full_size` when `im` is a reduced decode of it."""
     w, h = full_size or (im.shape[-1], im.shape[-2])
     new_w, new_h, left, top = resized_geometry(w, h, cfg)
     if (im.shape[-1], im.shape[-2]) != (new_w, new_h):
         im = F2.resize(im, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return im[:, top:top + cfg.crop_size, left:left + cfg.crop_size]
+    return im[:, top : top + cfg.crop_size, left : left + cfg.crop_size]
 
 
 class Normalizer:

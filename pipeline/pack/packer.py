@@ -12,9 +12,9 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Iterator
 
 import fsspec
 from PIL import Image
@@ -26,8 +26,16 @@ from pipeline.image.decode import has_alpha, open_image, to_rgb, upright
 from pipeline.image.header import DEFAULT_MAX_PIXELS, BadImage, Header, probe
 from pipeline.listing import Listing, SourceFile, list_images
 from pipeline.shardformat import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
-from pipeline.storage import (Location, commit_file, commit_json, ensure_writable, locate, read_json,
-                              remove_stale_temps, staging_file)
+from pipeline.storage import (
+    Location,
+    commit_file,
+    commit_json,
+    ensure_writable,
+    locate,
+    read_json,
+    remove_stale_temps,
+    staging_file,
+)
 from pipeline.units import format_bytes
 
 
@@ -47,8 +55,10 @@ class PackConfig:
 
     def options(self) -> dict:
         """The settings that shape the shards' bytes (not how fast we get there)."""
-        return {k: getattr(self, k) for k in ("shard_size", "max_shard_bytes", "resize_max", "quality",
-                                              "check", "max_pixels")}
+        return {
+            k: getattr(self, k)
+            for k in ("shard_size", "max_shard_bytes", "resize_max", "quality", "check", "max_pixels")
+        }
 
 
 @dataclass(frozen=True)
@@ -112,8 +122,9 @@ def run_pack(cfg: PackConfig) -> PackResult:
     todo = [t for t in tasks if t.index not in done]
     t0 = time.perf_counter()
     records = dict(done)
-    bar = tqdm(total=sum(len(t.files) for t in todo), unit="file", disable=not cfg.progress,
-               desc="pack", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(t.files) for t in todo), unit="file", disable=not cfg.progress, desc="pack", dynamic_ncols=True
+    )
     nbytes = 0
     for rec in _run_tasks(todo, dest, cfg):
         records[rec["index"]] = rec
@@ -160,12 +171,25 @@ def pack_shard(task: ShardTask, src_fs: fsspec.AbstractFileSystem, dest: Locatio
             source_bytes += len(data)
             try:
                 info = probe(data, cfg.max_pixels, full_decode=cfg.check == "decode")
-                meta = {"path": f.path, "relpath": f.relpath, "size": len(data), "width": info.width,
-                        "height": info.height, "format": info.format}
+                meta = {
+                    "path": f.path,
+                    "relpath": f.relpath,
+                    "size": len(data),
+                    "width": info.width,
+                    "height": info.height,
+                    "format": info.format,
+                }
                 if cfg.resize_max and max(info.width, info.height) > cfg.resize_max:
                     data, info = _shrink(data, cfg.resize_max, cfg.quality, cfg.max_pixels)
-                    meta.update(orig_width=meta["width"], orig_height=meta["height"], orig_format=meta["format"],
-                                width=info.width, height=info.height, format=info.format, stored_size=len(data))
+                    meta.update(
+                        orig_width=meta["width"],
+                        orig_height=meta["height"],
+                        orig_format=meta["format"],
+                        width=info.width,
+                        height=info.height,
+                        format=info.format,
+                        stored_size=len(data),
+                    )
             except BadImage as exc:
                 skipped.append({"path": f.path, "reason": str(exc)})
                 continue
@@ -184,9 +208,16 @@ def pack_shard(task: ShardTask, src_fs: fsspec.AbstractFileSystem, dest: Locatio
         if os.path.exists(staged):
             os.remove(staged)
         raise
-    record = {"index": task.index, "name": name + ".tar", "samples": len(samples), "bytes": size,
-              "files": len(task.files), "source_bytes": source_bytes, "skipped": skipped,
-              "fingerprint": task.fingerprint}
+    record = {
+        "index": task.index,
+        "name": name + ".tar",
+        "samples": len(samples),
+        "bytes": size,
+        "files": len(task.files),
+        "source_bytes": source_bytes,
+        "skipped": skipped,
+        "fingerprint": task.fingerprint,
+    }
     commit_json(dest.fs, dest.join(COMMITS_DIR, name + ".json"), record)
     return record
 
@@ -221,8 +252,10 @@ def _committed(dest: Location, tasks: list[ShardTask]) -> dict[int, dict]:
             continue
         rec = read_json(dest.fs, dest.join(COMMITS_DIR, fname))
         if rec.get("fingerprint") != t.fingerprint:
-            raise UserError(f"{dest.url()} holds shards packed from other files or options "
-                            f"({fname} differs); use --overwrite to start over, or another DEST")
+            raise UserError(
+                f"{dest.url()} holds shards packed from other files or options "
+                f"({fname} differs); use --overwrite to start over, or another DEST"
+            )
         done[t.index] = rec
     return done
 
@@ -245,15 +278,22 @@ def _manifest(cfg: PackConfig, listing: Listing, dest: Location, records: list[d
         "destination": dest.url(),
         "options": cfg.options(),
         "shards": shards,
-        "totals": {"shards": len(shards), "samples": sum(s["samples"] for s in shards),
-                   "bytes": sum(s["bytes"] for s in shards), "image_files": len(listing.files),
-                   "skipped": len(skipped), "ignored_non_images": listing.ignored},
+        "totals": {
+            "shards": len(shards),
+            "samples": sum(s["samples"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "image_files": len(listing.files),
+            "skipped": len(skipped),
+            "ignored_non_images": listing.ignored,
+        },
         "skipped": skipped,
     }
 
 
 def summary(result: PackResult, seconds: float) -> str:
     t = result.manifest["totals"]
-    return (f"packed {t['samples']} images into {t['shards']} shards ({format_bytes(t['bytes'])}) "
-            f"at {result.manifest['destination']} in {seconds:.1f}s; {t['skipped']} skipped, "
-            f"{t['ignored_non_images']} non-image files ignored, {result.skipped_shards} shards already done")
+    return (
+        f"packed {t['samples']} images into {t['shards']} shards ({format_bytes(t['bytes'])}) "
+        f"at {result.manifest['destination']} in {seconds:.1f}s; {t['skipped']} skipped, "
+        f"{t['ignored_non_images']} non-image files ignored, {result.skipped_shards} shards already done"
+    )
