@@ -420,3 +420,18 @@ def test_chunks_read_by_embedding_reader_in_order(extracted):
         paths += list(meta["path"])
     assert np.array_equal(np.concatenate(embs), torch.load(out / "fts.pth", weights_only=True).numpy())
     assert paths == json.loads((out / "img_list.json").read_text())
+
+
+def test_match_on_an_extract_folder_joins_keys_and_paths(extracted, tmp_path):
+    out, _ = extracted
+    run_cli("match", out, tmp_path / "m", "-k", "3", "--no-progress")
+    nb = pq.read_table(tmp_path / "m" / "neighbors.parquet").to_pylist()
+    paths = json.loads((out / "img_list.json").read_text())
+    keys = pq.read_table(out / "chunks").column("key").to_pylist()
+    matches = np.load(tmp_path / "m" / "matches.npy")
+    assert len(nb) == 30 * 3 and [r["rank"] for r in nb[:3]] == [0, 1, 2]
+    for r in nb:
+        assert r["query_path"] == paths[r["query"]] and r["neighbor_path"] == paths[r["neighbor"]]
+        assert r["query_key"] == keys[r["query"]] and r["neighbor_key"] == keys[r["neighbor"]]
+        assert matches[r["query"], r["rank"]] == r["neighbor"]
+    assert all(r["neighbor"] == r["query"] and r["score"] > 0.999 for r in nb if r["rank"] == 0)

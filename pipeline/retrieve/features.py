@@ -1,0 +1,173 @@
+"""FEATURES for the retrieval verbs: an extract output folder (its fts.npy, with keys and paths from
+its chunks), or a bare `.npy` / `.pth` file of N×D vectors. Rows are read in blocks with plain
+file reads, never loaded whole, so memory stays flat whatever N is (a memory map would do the same
+work but count every touched page in the process's resident memory)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError, first_line
+from pipeline.outdir import CHUNKS, RUN_FILE, OutputNames, load_run
+from pipeline.storage import locate
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """N×D vectors on disk, and where known each row's key and source path."""
+
+    source: str  # what the user named
+    file: str  # the array file read
+    n: int
+    dim: int
+    dtype: np.dtype
+    offset: int  # bytes before row 0 in `file` (.npy header)
+    folder: str | None  # the extract output folder, when FEATURES is one
+    tensor: Any = None  # a .pth file's tensor, memory-mapped by torch
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32."""
+        if self.tensor is not None:
+            return self.tensor[start:stop].float().numpy()
+        count = (stop - start) * self.dim
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * self.dim * self.dtype.itemsize)
+            block = np.fromfile(f, dtype=self.dtype, count=count)
+        if block.size != count:
+            raise UserError(f"{self.file} is shorter than its header says ({self.n}×{self.dim}); it may be truncated")
+        return block.reshape(stop - start, self.dim).astype(np.float32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows by index (any order), as float32."""
+        if self.tensor is not None:
+            import torch
+
+            return self.tensor[torch.from_numpy(np.asarray(rows, np.int64))].float().numpy()
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), self.dim), np.float32)
+        with open(self.file, "rb") as f:
+            for i in order:
+                f.seek(self.offset + int(rows[i]) * self.dim * self.dtype.itemsize)
+                out[i] = np.fromfile(f, dtype=self.dtype, count=self.dim)
+        return out
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Shape, type and a sample of rows: enough to tell one FEATURES from another without reading all."""
+        h = hashlib.sha256(f"{self.n}x{self.dim}:{self.dtype.str}".encode())
+        step = max(1, self.n // 64)
+        for start in range(0, self.n, step):
+            h.update(self.read(start, min(start + 1, self.n)).tobytes())
+        if self.n:
+            h.update(self.read(self.n - 1, self.n).tobytes())
+        return h.hexdigest()[:16]
+
+    @cached_property
+    def paths(self) -> list[str] | None:
+        if self.folder is None:
+            return None
+        img_list = OutputNames().img_list
+        with open(os.path.join(self.folder, img_list), encoding="utf-8") as f:
+            paths = json.load(f)
+        if len(paths) != self.n:
+            raise UserError(f"{self.folder}: {img_list} lists {len(paths)} paths for {self.n} rows")
+        return paths
+
+    @cached_property
+    def keys(self) -> list[str] | None:
+        """Sample keys in row order, read from the chunks' key column alone."""
+        if self.folder is None:
+            return None
+        import pyarrow.parquet as pq
+
+        from pipeline.outdir import read_done
+
+        out = locate(self.folder)
+        keys: list[str] = []
+        for shard in load_run(out).shard_names:
+            if read_done(out, shard).rows:
+                keys += (
+                    pq.read_table(os.path.join(self.folder, CHUNKS, f"{shard}.parquet"), columns=["key"])
+                    .column("key")
+                    .to_pylist()
+                )
+        if len(keys) != self.n:
+            raise UserError(
+                f"{self.folder}: its chunks hold {len(keys)} rows, its features {self.n}; "
+                "run `featpipe consolidate` again"
+            )
+        return keys
+
+
+def open_features(spec: str) -> FeatureSet:
+    """FEATURES as the user gave it; one clear line when it is not usable."""
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, RUN_FILE)):
+            raise UserError(
+                f"{spec} is a folder but not a featpipe extract output (no {RUN_FILE}); "
+                "give the output folder of `featpipe extract`, or a .npy / .pth file"
+            )
+        fts = os.path.join(spec, OutputNames().numpy_features)
+        if not os.path.exists(fts):
+            raise UserError(f"{spec} has no {OutputNames().numpy_features}; run `featpipe consolidate {spec}` first")
+        return _from_npy(spec, fts, folder=spec)
+    if not os.path.exists(spec):
+        raise UserError(f"features not found: {spec}")
+    if spec.endswith(".pth") or spec.endswith(".pt"):
+        return _from_pth(spec)
+    return _from_npy(spec, spec, folder=None)
+
+
+def _from_npy(source: str, path: str, folder: str | None) -> FeatureSet:
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable .npy file: {first_line(exc)}") from None
+    return _checked(
+        FeatureSet(source, path, *_shape(path, shape), dtype, offset, folder), fortran, os.path.getsize(path)
+    )
+
+
+def _from_pth(path: str) -> FeatureSet:
+    """A torch tensor file, memory-mapped by torch (weights_only: a pickle in it is never run)."""
+    import torch
+
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable tensor file: {first_line(exc)}") from None
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise UserError(f"{path} holds {what}, not a float tensor of features")
+    n, dim = _shape(path, tuple(tensor.shape))
+    dtype = np.dtype(np.float16 if tensor.dtype == torch.float16 else np.float32)
+    return FeatureSet(path, path, n, dim, dtype, 0, None, tensor.contiguous())
+
+
+def _shape(path: str, shape: tuple) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise UserError(f"{path} holds an array of shape {shape}; features must be N×D")
+    return int(shape[0]), int(shape[1])
+
+
+def _checked(fs: FeatureSet, fortran: bool, size: int) -> FeatureSet:
+    if fs.dtype.kind != "f" or fs.dtype.itemsize not in (2, 4):
+        raise UserError(f"{fs.file} holds {fs.dtype} values; features must be float16 or float32")
+    if fortran:
+        raise UserError(f"{fs.file} is stored column-major; save it row-major (np.ascontiguousarray)")
+    if size < fs.offset + fs.n * fs.dim * fs.dtype.itemsize:
+        raise UserError(f"{fs.file} is shorter than its header says ({fs.n}×{fs.dim}); it may be truncated")
+    return fs
