@@ -54,6 +54,7 @@ demo: install
 
 bench: install
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench_match.py
 
 clean:
 	rm -rf data/demo bench-out

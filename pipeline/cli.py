@@ -11,7 +11,7 @@ import time
 
 from pipeline import __version__
 from pipeline.cpu import default_workers, prefer_sleeping_threads
-from pipeline.errors import EXIT_ABORTED, EXIT_FAILURES, EXIT_OK, UserError
+from pipeline.errors import EXIT_ABORTED, EXIT_FAILURES, EXIT_OK, UserError, reason
 from pipeline.units import parse_bytes
 
 
@@ -87,6 +87,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         help="processes, one shard per task (default: CPU count, at most 8)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards in DEST and start over")
+    p.add_argument("--create-bucket", action="store_true", help="create DEST's bucket if it does not exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_pack)
 
@@ -127,6 +128,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         help="when SHARDS is a plain image folder: images per resumable chunk (default 1000)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace features made earlier in OUT")
+    p.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
     p.add_argument("--retries", type=_non_negative, default=3, help="retries of a shard after a transient read error")
     p.add_argument(
         "--barrier-timeout",
@@ -169,6 +171,7 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--numpy-matches", default="matches.npy", help="neighbour rows file name in OUT (uint32)")
     m.add_argument("--numpy-similarity-scores", default="scores.npy", help="scores file name in OUT (float16)")
     m.add_argument("--overwrite", action="store_true", help="replace a match made earlier in OUT")
+    m.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
     m.add_argument(
         "--barrier-timeout",
         type=_positive,
@@ -200,6 +203,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "square); --no-keep-ratio resizes to a square",
     )
     p.add_argument("--crop-size", type=_positive, default=224, help="center crop")
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=89_478_485,
+        help="images with more pixels are recorded as failed, not decoded: bounds one worker's memory "
+        "at ~10 bytes per pixel (default 89478485, Pillow's warning point: ~0.9 GB)",
+    )
     p.add_argument(
         "--decode",
         choices=("fast", "exact", "device"),
@@ -240,6 +250,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        create_bucket=args.create_bucket,
     )
     t0 = time.perf_counter()
     result = run_pack(cfg)
@@ -257,7 +268,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         shards=args.shards,
         out=args.out,
         model=ModelConfig(args.model_repo, args.model_name, args.weights),
-        transform=TransformConfig(args.resize_size, args.crop_size, args.keep_ratio, args.decode),
+        transform=TransformConfig(args.resize_size, args.crop_size, args.keep_ratio, args.decode, args.max_pixels),
         batch_size=args.batch_size,
         names=output_names(args),
         workers=args.workers,
@@ -270,6 +281,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         barrier_timeout_s=args.barrier_timeout,
         consolidate=not args.no_consolidate,
         compile=args.compile,
+        create_bucket=args.create_bucket,
     )
     result = run_extract(cfg)
     print(summary(result.stats, args.out.rstrip("/"), cfg.names))
@@ -278,10 +290,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_consolidate(args: argparse.Namespace) -> int:
     from pipeline.extract.consolidate import consolidate
-    from pipeline.outdir import load_run
-    from pipeline.storage import locate
+    from pipeline.outdir import CHUNKS, DONE, FAILED, load_run
+    from pipeline.storage import locate, remove_stale_temps
 
     out = locate(args.out)
+    remove_stale_temps(out, CHUNKS, DONE, FAILED)  # what a killed or failed run left behind
     result = consolidate(out, load_run(out), output_names(args))
     print(f"{result.rows} rows ({result.dim}-dim), {result.errors} recorded failures → {args.out}")
     return EXIT_FAILURES if result.errors else EXIT_OK
@@ -315,6 +328,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
         names=MatchNames(args.numpy_matches, args.numpy_similarity_scores),
         progress=not args.no_progress,
         barrier_timeout_s=args.barrier_timeout,
+        create_bucket=args.create_bucket,
     )
     print(summary(run_match(cfg)))
     return EXIT_OK
@@ -334,6 +348,15 @@ def _configure_logging(prog: str, verbose: bool) -> None:
     )
 
 
+def _is_environment_error(exc: BaseException) -> bool:
+    """A full disk, a read-only folder, an unreachable endpoint, refused credentials: the user's
+    to fix, so one line naming the cause, not a traceback. Object-store clients raise their own
+    types, recognised by the library they come from."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "google", "gcsfs", "s3fs")
+
+
 def main(argv: list[str] | None = None, prog: str = "featpipe") -> int:
     prefer_sleeping_threads()  # before torch is imported
     args = build_parser().parse_args(argv)
@@ -342,6 +365,11 @@ def main(argv: list[str] | None = None, prog: str = "featpipe") -> int:
         return args.run(args)
     except UserError as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ABORTED
+    except Exception as exc:
+        if not _is_environment_error(exc):
+            raise  # a bug in featpipe: the traceback is what a report needs
+        print(f"{prog} {args.command}: error: {reason(exc)}", file=sys.stderr)
         return EXIT_ABORTED
     except KeyboardInterrupt:
         print(f"{prog} {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -24,7 +24,7 @@ class Listing:
     ignored: int  # files without an image extension
 
 
-def list_images(src: str) -> Listing:
+def list_images(src: str, exclude: str | None = None) -> Listing:
     root = locate(src)
     fs = root.fs
     try:
@@ -40,7 +40,10 @@ def list_images(src: str) -> Listing:
     ignored = 0
     prefix = root.path.rstrip("/") + "/"
     shown = src.rstrip("/")
+    skip = exclude.rstrip("/") + "/" if exclude else None
     for fs_path, info in found.items():
+        if skip and (fs_path + "/").startswith(skip):
+            continue
         if info.get("type", "file") != "file" or not fs_path.startswith(prefix):
             continue
         rel = fs_path[len(prefix) :]

@@ -4,6 +4,8 @@ of (run.json), and which shards are finished (done records), as shardformat.py k
   OUT/run.json          the run's settings fingerprint, shard list and feature width
   OUT/chunks/NAME.parquet   one Parquet chunk per shard with at least one row (chunks.py)
   OUT/done/NAME.json    a shard's done record, written after its chunk: together they are its commit
+  OUT/failed/NAME.json  the same record for a shard that could not be read for a passing reason
+                        (missing, forbidden, store down): consolidated, reported, and retried by a rerun
   OUT/stats.json        the last run's figures
   OUT/errors.jsonl      every sample (or shard) that did not become a row, and why
   OUT/fts.npy, fts.pth, img_list.json   the consolidated outputs (names configurable)
@@ -23,6 +25,7 @@ RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
 CHUNKS = "chunks"
 DONE = "done"
+FAILED = "failed"  # records of shards that could not be read for a passing reason: the next run retries them
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class DoneRecord:
     dim: int | None
     chunk: str | None  # the chunk's path relative to OUT, when rows > 0
     fingerprint: str
+    retry: bool = False  # `failed` may pass: the shard is not finished, a rerun reads it again
 
     def to_json(self) -> dict:
         return {**asdict(self), "errors": [e.to_json() for e in self.errors]}
@@ -110,6 +114,7 @@ class DoneRecord:
             data["dim"],
             data["chunk"],
             data["fingerprint"],
+            data.get("retry", False),
         )
 
     def all_errors(self) -> list[SampleError]:
@@ -157,13 +162,27 @@ def done_path(out: Location, shard: str) -> str:
     return out.join(DONE, f"{shard}.json")
 
 
+def failed_path(out: Location, shard: str) -> str:
+    return out.join(FAILED, f"{shard}.json")
+
+
 def write_done(out: Location, record: DoneRecord) -> None:
+    """A shard that failed for a passing reason goes to failed/, so that it is not finished; a
+    shard finished on a later run leaves no record there."""
+    if record.retry:
+        commit_json(out.fs, failed_path(out, record.shard), record.to_json())
+        return
     commit_json(out.fs, done_path(out, record.shard), record.to_json())
+    if out.fs.exists(failed_path(out, record.shard)):
+        out.fs.rm_file(failed_path(out, record.shard))
 
 
 def read_done(out: Location, shard: str) -> DoneRecord:
-    """Raises FileNotFoundError for a shard that is not finished."""
-    return DoneRecord.from_json(read_json(out.fs, done_path(out, shard)))
+    """The shard's record (done, else failed-to-retry); FileNotFoundError for a shard never committed."""
+    try:
+        return DoneRecord.from_json(read_json(out.fs, done_path(out, shard)))
+    except FileNotFoundError:
+        return DoneRecord.from_json(read_json(out.fs, failed_path(out, shard)))
 
 
 def finished(out: Location) -> set[str]:
@@ -177,6 +196,6 @@ def finished(out: Location) -> set[str]:
 def clear(out: Location, names: OutputNames) -> None:
     """Everything a run wrote, for --overwrite."""
     fs = out.fs
-    for p in (CHUNKS, DONE, RUN_FILE, STATS_FILE, *names.all()):
+    for p in (CHUNKS, DONE, FAILED, RUN_FILE, STATS_FILE, *names.all()):
         if fs.exists(out.join(p)):
             fs.rm(out.join(p), recursive=True)

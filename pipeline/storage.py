@@ -8,16 +8,22 @@ complete, so one put is already atomic there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
+
+log = logging.getLogger("featpipe")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ def commit_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             _publishable(tmp)
             os.replace(tmp, path)
         except BaseException:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             raise
     else:
         fs.pipe_file(path, data)
@@ -106,7 +112,52 @@ def commit_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
 
 
 def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    return utf8_json(obj, indent=1) + b"\n"
+
+
+def utf8_json(obj: Any, **kwargs: Any) -> bytes:
+    """Sorted JSON as UTF-8; text with a lone surrogate (a file name that is not valid UTF-8, as
+    Python decodes it) is written with \\u escapes instead, so the name survives losslessly."""
+    try:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=False, **kwargs).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, sort_keys=True, ensure_ascii=True, **kwargs).encode()
+
+
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def check_bucket(loc: Location, create: bool) -> None:
+    """A bucket that does not exist is a typo until the user says otherwise (--create-bucket)."""
+    protocols = loc.fs.protocol if isinstance(loc.fs.protocol, tuple) else (loc.fs.protocol,)
+    if loc.is_local or not set(protocols) & set(OBJECT_STORES):
+        return
+    bucket = loc.path.strip("/").split("/", 1)[0]
+    try:
+        exists = loc.fs.exists(bucket)
+    except Exception as exc:  # every backend raises its own type
+        raise UserError(f"cannot reach {loc.url()}: {first_line(exc)}") from None
+    if not exists:
+        if not create:
+            raise UserError(
+                f"bucket {bucket!r} does not exist ({loc.url()}); check the name, or pass --create-bucket to create it"
+            )
+        loc.fs.mkdir(bucket)
+
+
+def retrying(fn: Callable[[], T], retries: int, backoff_s: float, what: str) -> T:
+    """fn(), again after a transient failure (exponential backoff); a missing or forbidden target fails at once."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except Exception as exc:
+            if attempt == retries:
+                raise
+            log.warning("%s: %s; retry %d of %d", what, first_line(exc), attempt + 1, retries)
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
@@ -132,7 +183,7 @@ def commit_file(fs: fsspec.AbstractFileSystem, staged: str, final_path: str) -> 
         else:
             fs.put_file(staged, final_path)
     finally:
-        _remove_quietly(staged)
+        remove_quietly(staged)
 
 
 def remove_stale_temps(loc: Location, *subdirs: str) -> None:
@@ -145,10 +196,10 @@ def remove_stale_temps(loc: Location, *subdirs: str) -> None:
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 if name.startswith(".tmp-"):
-                    _remove_quietly(os.path.join(folder, name))
+                    remove_quietly(os.path.join(folder, name))
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
     try:
         os.remove(path)
     except FileNotFoundError:

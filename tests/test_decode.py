@@ -84,3 +84,24 @@ def test_device_decode_records_a_bad_jpeg_and_keeps_the_rest():
     ]
     crops, failed = decode_on_device(items, torch.device("cpu"), DEVICE)
     assert list(crops) == [0] and list(failed) == [1] and "decode failed" in failed[1]
+
+
+def test_device_decode_records_an_exception_with_an_empty_message(monkeypatch):
+    """A decoder that raises with no message (RuntimeError()) is one recorded image, not an aborted run."""
+    import pipeline.image.device as device
+
+    real = device.decode_jpeg
+
+    def flaky(data, **kwargs):
+        if isinstance(data, list) or len(data) < 20000:
+            raise RuntimeError()
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(device, "decode_jpeg", flaky)
+    good = VALID["photos/IMG_0001.jpg"]
+    items = [
+        DeviceJpeg(0, torch.frombuffer(bytearray(good), dtype=torch.uint8), 1),
+        DeviceJpeg(1, torch.frombuffer(bytearray(good[:10000]), dtype=torch.uint8), 1),
+    ]
+    crops, failed = decode_on_device(items, torch.device("cpu"), DEVICE)
+    assert list(crops) == [0] and failed == {1: "decode failed on cpu: RuntimeError"}

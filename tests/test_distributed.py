@@ -169,8 +169,9 @@ def test_truncated_and_unopenable_shards_are_recorded(shards, single, tmp_path):
     assert "2 shards failed" in proc.stdout
     done2 = json.loads((out / "done" / "shard-000002.json").read_text())
     assert 1 <= done2["rows"] < expected["shard-000002.tar"] and "after" in done2["failed"]
-    done4 = json.loads((out / "done" / "shard-000004.json").read_text())
-    assert done4["rows"] == 0 and "FileNotFoundError" in done4["failed"]
+    done4 = json.loads((out / "failed" / "shard-000004.json").read_text())  # missing now: the next run retries it
+    assert done4["rows"] == 0 and "FileNotFoundError" in done4["failed"] and done4["retry"]
+    assert str(damaged / "shard-000004.tar") in done4["failed"]
     assert not (out / "chunks" / "shard-000004.parquet").exists()
     errors = [json.loads(ln) for ln in (out / "errors.jsonl").read_text().splitlines()]
     assert {e["shard"] for e in errors if e["reason"].startswith("shard failed")} == {"shard-000002", "shard-000004"}
@@ -182,8 +183,12 @@ def test_truncated_and_unopenable_shards_are_recorded(shards, single, tmp_path):
     kept = json.loads((out / "img_list.json").read_text())
     assert len(kept) == len(full) - (rows["shard-000002"] - done2["rows"]) - rows["shard-000004"]
     assert kept == [p for p in full if p in set(kept)]
-    verify = run_cli("verify", out, "--shards", damaged)
-    assert "2 shards recorded as failed" in verify.stdout
+    verify = run_cli("verify", out, "--shards", damaged, check=False)
+    assert verify.returncode == 1 and "2 shards recorded as failed" in verify.stdout
+    assert (
+        "PROBLEM: shard-000002: damaged" in verify.stderr
+        and "PROBLEM: shard-000004: could not be read" in verify.stderr
+    )
 
 
 class _FlakyHandler(http.server.SimpleHTTPRequestHandler):
@@ -224,8 +229,9 @@ def test_transient_http_errors_are_retried(shards, single, tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "retry 1 of 2" in proc.stderr
     assert "1 shards failed" in proc.stdout
-    rec = json.loads((out / "done" / "shard-000006.always.json").read_text())
-    assert rec["rows"] == 0 and "gave up after 2 retries" in rec["failed"]
+    rec = json.loads((out / "failed" / "shard-000006.always.json").read_text())  # the next run tries again
+    assert rec["rows"] == 0 and "gave up after 2 retries" in rec["failed"] and rec["retry"]
+    assert rec["failed"].startswith(f"{base}/shard-000006.always: ")
     single_rows = json.loads((single / "img_list.json").read_text())
     got = json.loads((out / "img_list.json").read_text())
     assert (

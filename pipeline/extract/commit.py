@@ -10,18 +10,18 @@ import numpy as np
 
 from pipeline.chunks import ShardRows, write_chunk
 from pipeline.extract.dataset import Batch
-from pipeline.extract.reader import ShardReport
+from pipeline.extract.reader import ReadConfig, ShardReport
 from pipeline.extract.timing import StageTimer
 from pipeline.faults import crash_point
 from pipeline.outdir import CHUNKS, DoneRecord, write_done
-from pipeline.storage import Location
+from pipeline.storage import Location, retrying
 
 IN_FLIGHT = 4  # commits queued behind the writer before the model waits
 
 
 class ChunkCommitter:
-    def __init__(self, out: Location, fingerprint: str, rank: int, timer: StageTimer):
-        self.out, self.fingerprint, self.rank, self.timer = out, fingerprint, rank, timer
+    def __init__(self, out: Location, fingerprint: str, rank: int, timer: StageTimer, read: ReadConfig):
+        self.out, self.fingerprint, self.rank, self.timer, self.read = out, fingerprint, rank, timer, read
         self.pending: dict[str, ShardRows] = {}
         self.writes: list[Future] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featpipe-writer")
@@ -57,23 +57,27 @@ class ChunkCommitter:
 
     def _commit(self, rows: ShardRows, end: ShardReport) -> None:
         """The chunk first, then the done record: a shard counts as finished only once both exist."""
-        if len(rows):
-            write_chunk(self.out, rows)
         errors = sorted(end.errors + rows.errors, key=lambda e: e.index)
-        write_done(
-            self.out,
-            DoneRecord(
-                rows.shard,
-                len(rows),
-                end.read,
-                errors,
-                end.failed,
-                rows.dim,
-                f"{CHUNKS}/{rows.shard}.parquet" if len(rows) else None,
-                self.fingerprint,
-            ),
+        if len(rows) + len(errors) != end.read:  # every sample read is a row or a recorded error
+            raise RuntimeError(
+                f"shard {rows.shard}: {end.read} samples read but {len(rows)} rows and {len(errors)} errors; "
+                "this is a featpipe bug, please report it"
+            )
+        chunk = f"{CHUNKS}/{rows.shard}.parquet" if len(rows) else None
+        record = DoneRecord(
+            rows.shard, len(rows), end.read, errors, end.failed, rows.dim, chunk, self.fingerprint, end.retry
         )
+        if len(rows):
+            self._write(lambda: write_chunk(self.out, rows), chunk)
+        self._write(lambda: write_done(self.out, record), f"done record of {rows.shard}")
         crash_point("after-chunk", self.rank)  # test-only: dies here once the first chunk is committed
+
+    def _write(self, fn, what: str) -> None:
+        """Writes to an object store are retried like reads; a local write error is final at once."""
+        if self.out.is_local:
+            fn()
+        else:
+            retrying(fn, self.read.retries, self.read.backoff_s, f"{self.out.url()}: writing {what}")
 
     def _drain(self, keep: int) -> None:
         while self.writes and (len(self.writes) > keep or self.writes[0].done()):

@@ -2,7 +2,8 @@
 
 Rows go in the run's shard order, then in-shard order, so the bytes do not depend on how many
 workers or ranks produced the chunks. Arrays are filled through memory maps one chunk at a time:
-memory stays flat however many images there are.
+memory stays flat however many images there are. The maps' disk space is reserved first: a
+memory map that meets a full disk kills the process with SIGBUS; a reservation fails with one line.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 from numpy.lib.format import open_memmap
 
 from pipeline.chunks import chunk_matrix, read_chunk
-from pipeline.errors import UserError
+from pipeline.errors import UserError, reason
 from pipeline.faults import crash_point
-from pipeline.outdir import OutputNames, RunInfo, read_done
-from pipeline.storage import Location, commit_file, staging_file
+from pipeline.outdir import DoneRecord, OutputNames, RunInfo, chunk_path, read_done
+from pipeline.storage import Location, commit_file, remove_quietly, staging_file
+from pipeline.units import format_bytes
 
 
 @dataclass
@@ -32,8 +34,31 @@ class Consolidated:
 
 
 def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames()) -> Consolidated:
-    records = []
-    missing = []
+    records = _records(out, run)
+    rows = sum(r.rows for r in records)
+    dims = {r.dim for r in records if r.rows}
+    if len(dims) > 1:
+        raise UserError(f"chunks in {out.url()} disagree on the feature size: {sorted(dims)}")
+    dim = dims.pop() if dims else (run.dim or 0)
+    staged: dict[str, str] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="featpipe-consolidate-") as tmp:
+            for name in names.all():
+                staged[name] = staging_file(out.fs, out.join(name))
+            n_errors = _write(out, records, rows, dim, names, staged, os.path.join(tmp, "fts32.npy"))
+        for name in names.all():
+            commit_file(out.fs, staged.pop(name), out.join(name))
+            crash_point("consolidate")
+    except OSError as exc:  # a full disk, a read-only OUT: one line, and no temporary file left behind
+        raise UserError(f"cannot write the consolidated files in {out.url()}: {reason(exc)}") from None
+    finally:
+        for path in staged.values():
+            remove_quietly(path)
+    return Consolidated(rows, dim, n_errors, [r.shard for r in records if r.failed])
+
+
+def _records(out: Location, run: RunInfo) -> list[DoneRecord]:
+    records, missing = [], []
     for shard in run.shard_names:
         try:
             records.append(read_done(out, shard))
@@ -44,51 +69,76 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
             f"{len(missing)} of {len(run.shard_names)} shards are not finished (first: {missing[0]}); "
             "rerun the same extract command to finish them"
         )
-    rows = sum(r.rows for r in records)
-    dims = {r.dim for r in records if r.rows}
-    if len(dims) > 1:
-        raise UserError(f"chunks in {out.url()} disagree on the feature size: {sorted(dims)}")
-    dim = dims.pop() if dims else (run.dim or 0)
-    with tempfile.TemporaryDirectory(prefix="featpipe-consolidate-") as tmp:
-        f32_path = os.path.join(tmp, "fts32.npy")
-        npy_staged = staging_file(out.fs, out.join(names.numpy_features))
-        list_staged = staging_file(out.fs, out.join(names.img_list))
-        err_staged = staging_file(out.fs, out.join(names.errors))
-        f16 = open_memmap(npy_staged, mode="w+", dtype=np.float16, shape=(rows, dim))
-        f32 = open_memmap(f32_path, mode="w+", dtype=np.float32, shape=(rows, dim))
-        n_errors = 0
-        with open(list_staged, "w", encoding="utf-8") as img_list, open(err_staged, "w", encoding="utf-8") as errs:
-            img_list.write("[")
-            row = 0
-            for rec in records:
-                if rec.rows:
-                    table = read_chunk(out, rec.shard)
-                    mat = chunk_matrix(table)
-                    f32[row : row + len(mat)] = mat
-                    f16[row : row + len(mat)] = mat
-                    for p in table.column("path").to_pylist():
-                        img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
-                        row += 1
-                for e in rec.all_errors():
-                    errs.write(json.dumps(e.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
-                    n_errors += 1
-            img_list.write("\n]\n")
-        f16.flush()
-        f32.flush()
-        del f16
-        pth_staged = staging_file(out.fs, out.join(names.torch_features))
-        # torch.save streams the tensor's storage, which here is the memory map: no full copy in RAM.
-        # A file object, not a path: torch names the zip's inner folder after a path, and the
-        # temporary name would make the bytes differ from run to run.
-        with open(pth_staged, "wb") as f:
-            torch.save(torch.from_numpy(f32), f)
-        del f32
-        for staged, name in (
-            (npy_staged, names.numpy_features),
-            (pth_staged, names.torch_features),
-            (list_staged, names.img_list),
-            (err_staged, names.errors),
-        ):
-            commit_file(out.fs, staged, out.join(name))
-            crash_point("consolidate")
-    return Consolidated(rows, dim, n_errors, [r.shard for r in records if r.failed])
+    return records
+
+
+def _write(
+    out: Location,
+    records: list[DoneRecord],
+    rows: int,
+    dim: int,
+    names: OutputNames,
+    staged: dict[str, str],
+    f32_path: str,
+) -> int:
+    """Fill the staged files; returns the number of error records."""
+    f16 = open_memmap(staged[names.numpy_features], mode="w+", dtype=np.float16, shape=(rows, dim))
+    f32 = open_memmap(f32_path, mode="w+", dtype=np.float32, shape=(rows, dim))
+    reserve(staged[names.numpy_features], f16.offset + f16.nbytes)
+    reserve(f32_path, f32.offset + f32.nbytes)
+    n_errors = row = 0
+    with (
+        open(staged[names.img_list], "w", encoding="utf-8") as img_list,
+        open(staged[names.errors], "w", encoding="utf-8") as errs,
+    ):
+        img_list.write("[")
+        for rec in records:
+            if rec.rows:
+                table = _chunk(out, rec.shard)
+                mat = chunk_matrix(table)
+                f32[row : row + len(mat)] = mat
+                f16[row : row + len(mat)] = mat
+                for p in table.column("path").to_pylist():
+                    img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
+                    row += 1
+            for e in rec.all_errors():
+                errs.write(json.dumps(e.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
+                n_errors += 1
+        img_list.write("\n]\n")
+    f16.flush()
+    f32.flush()
+    del f16
+    # torch.save streams the tensor's storage, which here is the memory map: no full copy in RAM.
+    # A file object, not a path: torch names the zip's inner folder after a path, and the
+    # temporary name would make the bytes differ from run to run. The space is reserved first (the
+    # zip adds well under 64 KB to the data), then the file is cut to what torch wrote.
+    reserve(staged[names.torch_features], f32.nbytes + 65536)
+    with open(staged[names.torch_features], "r+b") as f:
+        torch.save(torch.from_numpy(f32), f)
+        f.truncate()
+    del f32
+    return n_errors
+
+
+def _chunk(out: Location, shard: str):
+    try:
+        return read_chunk(out, shard)
+    except Exception as exc:  # pyarrow's ArrowInvalid for a truncated or overwritten file
+        raise UserError(
+            f"{chunk_path(out, shard)} is not a readable Parquet chunk ({reason(exc)}); rerun the "
+            "extract command to redo that shard"
+        ) from None
+
+
+def reserve(path: str, nbytes: int) -> None:
+    """Allocate the file's blocks now, so that writing through a memory map cannot meet a full disk."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(nbytes, 1))
+    except OSError as exc:
+        if exc.errno in (28, 27):  # ENOSPC, EFBIG
+            raise OSError(exc.errno, f"not enough space for {path} ({format_bytes(nbytes)} needed)") from None
+        if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: a filesystem that cannot reserve; go on
+            raise
+    finally:
+        os.close(fd)

@@ -73,7 +73,7 @@ def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[torch.Tens
         return None, raw.error
     try:
         if cfg.mode == "device":
-            on_device, rotation = device_decodable(raw.data)
+            on_device, rotation = device_decodable(raw.data, cfg.max_pixels)
             if on_device:
                 return DeviceJpeg(slot, torch.frombuffer(bytearray(raw.data), dtype=torch.uint8), rotation), ""
         return crop_uint8(raw.data, cfg), ""

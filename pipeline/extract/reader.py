@@ -12,25 +12,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from pipeline.errors import SampleError, first_line
+from pipeline.errors import SampleError, first_line, reason
 from pipeline.extract.inputs import ShardRef
 from pipeline.image.header import IMAGE_EXTENSIONS
 from pipeline.shardformat import sample_key
 
 log = logging.getLogger("featpipe")
 
-# Errors that no retry will mend: the shard is missing, forbidden, or its bytes are damaged.
-_PERMANENT = (
-    FileNotFoundError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    tarfile.TarError,
-    EOFError,
-    ValueError,
-)
+# The shard's bytes are damaged: a rerun would find the same, so the shard stays recorded as done.
+_DAMAGE = (tarfile.TarError, EOFError, ValueError)
+# The shard cannot be read now (missing, forbidden): not worth retrying within this run, but the
+# next run tries again.
+_UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,8 @@ class ShardReport:
 
     errors: list[SampleError] = field(default_factory=list)
     read: int = 0
-    failed: str | None = None  # the shard itself could not be read (fully)
+    failed: str | None = None  # the shard itself could not be read (fully), and why
+    retry: bool = False  # the failure may pass: the next run reads the shard again
 
 
 def iter_shard(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterator[RawSample]:
@@ -70,59 +66,110 @@ def _iter_files(shard: ShardRef, report: ShardReport) -> Iterator[RawSample]:
             with fsspec.open(path, "rb") as f:
                 data, error = f.read(), None
         except Exception as exc:
-            data, error = None, f"cannot read: {type(exc).__name__}: {exc}"
+            data, error = None, f"cannot read: {reason(exc)}"
         report.read += 1
-        yield RawSample(sample_key(shard.index, i), path, i, data, error)
+        yield RawSample(sample_key(shard.index, i), clean_text(path), i, data, error)
 
 
 def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterator[RawSample]:
     """Samples in tar order. A transient error reopens the shard and skips what was already
-    yielded; a permanent one keeps everything read before the damage and records the rest."""
+    yielded; damage keeps every complete sample before it and records the rest. Every sample read
+    ends as a RawSample (with bytes, or with the reason it has none): none is dropped unrecorded."""
     attempt = 0
+    seen: set[str] = set()
     while True:
         position = 0
         try:
             with fsspec.open(shard.url, "rb") as stream:
-                files = ({**f, "__url__": shard.url} for f in tar_file_iterator(stream))
-                for sample in group_by_keys(files):
+                for sample in _group(tar_file_iterator(stream)):
                     if position >= report.read:
                         report.read += 1
-                        yield _raw_from_tar(sample, position, shard)
+                        yield _raw_from_tar(sample, position, shard, seen)
                     position += 1
             break
-        except _PERMANENT as exc:
-            report.failed = f"{type(exc).__name__}: {_first_arg(exc)} (after {report.read} samples)"
+        except _DAMAGE as exc:  # the bytes themselves: a rerun would find the same
+            report.failed = f"{shard.url}: damaged: {reason(exc)} (after {report.read} samples)"
+            break
+        except _UNREADABLE as exc:  # missing or forbidden now, perhaps not on the next run
+            report.failed = f"{shard.url}: cannot read: {reason(exc)} (after {report.read} samples)"
+            report.retry = True
             break
         except Exception as exc:  # connection reset, timeout, a 5xx in the backend's own error type
             attempt += 1
             if attempt > read.retries:
                 report.failed = (
-                    f"gave up after {read.retries} retries: {type(exc).__name__}: {_first_arg(exc)} "
-                    f"(after {report.read} samples)"
+                    f"{shard.url}: gave up after {read.retries} retries: {reason(exc)} (after {report.read} samples)"
                 )
+                report.retry = True
                 break
             log.warning("shard %s: %s; retry %d of %d", shard.url, first_line(exc), attempt, read.retries)
             time.sleep(read.backoff_s * 2 ** (attempt - 1))
     if report.failed is None and shard.expected is not None and report.read < shard.expected:
-        report.failed = f"shard ended after {report.read} of {shard.expected} samples"
+        report.failed = f"{shard.url}: ended after {report.read} of {shard.expected} samples"
 
 
-def _raw_from_tar(sample: dict, position: int, shard: ShardRef) -> RawSample:
-    key = sample["__key__"]
-    meta = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError:
-            pass
-    path = meta.get("path") or meta.get("url") or f"{shard.url}#{key}"
+def _group(members: Iterator[dict]) -> Iterator[dict]:
+    """Adjacent members with one key → a sample (webdataset's rule: key up to the first dot of the
+    base name, the rest lower-cased is the field). Unlike webdataset's grouping, a sample whose
+    members were all read whole is yielded before the error that follows it is raised, and a field
+    seen twice starts a new sample (recorded as a duplicate key) instead of failing the shard."""
+    current: dict | None = None
+    try:
+        for member in members:
+            prefix, suffix = base_plus_ext(member["fname"])
+            if prefix is None:
+                continue
+            suffix = suffix.lower()
+            if current is None or prefix != current["__key__"] or suffix in current:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix}
+            current[suffix] = member["data"]
+    except BaseException:
+        if current is not None:
+            yield current
+            current = None
+        raise
+    if current is not None:
+        yield current
+
+
+def _raw_from_tar(sample: dict, position: int, shard: ShardRef, seen: set[str]) -> RawSample:
+    key = clean_text(sample["__key__"])
+    meta, problem = _metadata(sample.get("json"))
+    path = meta.get("path") or meta.get("url")
+    path = clean_text(path) if isinstance(path, str) and path else f"{shard.url}#{key}"
+    if key in seen:
+        return RawSample(key, path, position, None, f"duplicate key {key}: an earlier sample of this shard has it")
+    seen.add(key)
+    if problem:
+        return RawSample(key, path, position, None, problem)
     field_name = meta.get("field")
-    if field_name not in sample:
+    if not isinstance(field_name, str) or field_name not in sample:
         field_name = next((f for f in IMAGE_EXTENSIONS if f in sample), None)
     if field_name is None:
         return RawSample(key, path, position, None, "sample has no image field")
     return RawSample(key, path, position, sample[field_name])
 
 
-def _first_arg(exc: BaseException) -> str:
-    return str(exc.args[0]) if exc.args else str(exc)
+def _metadata(raw: bytes | None) -> tuple[dict, str | None]:
+    """The sample's .json as a dict, or why it cannot be used."""
+    if raw is None:
+        return {}, None
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        return {}, f"metadata (.json) is not valid JSON: {reason(exc)}"
+    if not isinstance(meta, dict):
+        return {}, f"metadata (.json) is a JSON {type(meta).__name__}, not an object"
+    return meta, None
+
+
+def clean_text(text: str) -> str:
+    """Text that can be written as UTF-8: a lone surrogate (from JSON's \\ud800 or an undecodable
+    tar member name) becomes its backslash escape instead of failing the chunk write."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline import dist
+from pipeline.chunks import unreadable
 from pipeline.cpu import model_threads
 from pipeline.errors import EXIT_FAILURES, EXIT_OK, SampleError, UserError, first_line
 from pipeline.extract.commit import ChunkCommitter
@@ -29,6 +30,7 @@ from pipeline.image.transform import TransformConfig
 from pipeline.outdir import (
     CHUNKS,
     DONE,
+    FAILED,
     STATS_FILE,
     OutputNames,
     RunInfo,
@@ -38,7 +40,7 @@ from pipeline.outdir import (
     finished,
     write_run,
 )
-from pipeline.storage import Location, commit_json, ensure_writable, locate, remove_stale_temps
+from pipeline.storage import Location, check_bucket, commit_json, ensure_writable, locate, remove_stale_temps
 
 log = logging.getLogger("featpipe")
 
@@ -60,7 +62,8 @@ class ExtractConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     barrier_timeout_s: float = 6 * 3600
     consolidate: bool = True
-    compile: bool = False  # torch.compile the model: a slow start, then faster batches
+    compile: bool = False
+    create_bucket: bool = False  # torch.compile the model: a slow start, then faster batches
 
 
 @dataclass
@@ -94,13 +97,9 @@ def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
 
 
 def validate(cfg: ExtractConfig) -> None:
-    t = cfg.transform
     if cfg.batch_size < 1 or cfg.workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers at least 0")
-    if t.crop_size < 1 or t.resize_size < 1:
-        raise UserError("--resize-size and --crop-size must be positive")
-    if t.crop_size > t.resize_size:
-        raise UserError(f"--crop-size {t.crop_size} is larger than --resize-size {t.resize_size}")
+    cfg.transform.check()
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
 
@@ -114,6 +113,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     check_model(cfg.model)
     shards = resolve_shards(cfg.shards, cfg.group_size)
     out = locate(cfg.out)
+    check_bucket(out, cfg.create_bucket)
     ensure_writable(out)
     model, dim, channels_last = _prepare_model(cfg, device, amp)
     precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
@@ -138,7 +138,12 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         # Split the full list first, then skip finished shards: every rank agrees on who does what.
         mine = shards[ctx.rank :: ctx.world]
         done = finished(out)
-        todo = [s for s in mine if s.name not in done]
+        damaged = unreadable(out, [s.name for s in mine if s.name in done])
+        if damaged:
+            log.warning(
+                "%d finished shards have an unreadable chunk (first: %s): redoing them", len(damaged), min(damaged)
+            )
+        todo = [s for s in mine if s.name not in done or s.name in damaged]
         log.info("%d of this rank's %d shards to do (%d already finished)", len(todo), len(mine), len(mine) - len(todo))
         runner = ModelRunner(model, device, amp, cfg.batch_size, channels_last, cfg.compile)
         timer = _embed(todo, runner, cfg, device, out, run.fingerprint, ctx)
@@ -195,7 +200,7 @@ def _prepare_model(
 
 def _prepare_out(out: Location, run: RunInfo, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
     if ctx.is_main:
-        remove_stale_temps(out, CHUNKS, DONE)  # the other ranks wait at the barrier below
+        remove_stale_temps(out, CHUNKS, DONE, FAILED)  # the other ranks wait at the barrier below
         if cfg.overwrite:
             clear(out, cfg.names)
         if not check_compatible(out, run):
@@ -221,7 +226,7 @@ def _embed(
     if not todo:
         return timer
     bar = _progress_bar(todo, cfg, ctx)
-    with ChunkCommitter(out, fingerprint, ctx.rank, timer) as committer:
+    with ChunkCommitter(out, fingerprint, ctx.rank, timer, cfg.read) as committer:
         previous = None
         for batch in timer.data(_loader(todo, cfg, device)):
             with timer.model():

@@ -14,7 +14,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import reason
-from pipeline.image.header import sniff
+from pipeline.image.header import EXTRACT_MAX_PIXELS, sniff
 from pipeline.image.transform import TransformConfig, resize_crop_tensor
 
 
@@ -27,11 +27,11 @@ class DeviceJpeg:
     rotation: int  # EXIF orientation
 
 
-def device_decodable(data: bytes) -> tuple[bool, int]:
+def device_decodable(data: bytes, max_pixels: int = EXTRACT_MAX_PIXELS) -> tuple[bool, int]:
     """Plain (YCbCr or gray) baseline/progressive JPEGs go to the device; CMYK and the rest do not."""
     if data[:2] != b"\xff\xd8":
         return False, 1
-    head = sniff(data)
+    head = sniff(data, max_pixels)
     return head.plain_jpeg, head.orientation
 
 

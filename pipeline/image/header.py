@@ -20,6 +20,11 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Pillow's own refusal point (2 × MAX_IMAGE_PIXELS): anything above it is a decompression bomb
 # or a corrupt header, never a photo worth embedding.
 DEFAULT_MAX_PIXELS = 178_956_970
+# Extract's default: Pillow's warning point. Decoding costs up to ~10 bytes per pixel (RGBA, then
+# RGB, then the resize's buffers), so this bounds one worker's image at ~0.9 GB; `--max-pixels`
+# changes it. Pack keeps the higher refusal point (it only reads headers unless --check decode).
+EXTRACT_MAX_PIXELS = 89_478_485
+MAX_TRANSFORM_SIZE = 4096  # --resize-size / --crop-size above this are typos, not models
 
 # Pillow's format name → the field name the sample's image is stored under.
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}

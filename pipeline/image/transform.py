@@ -20,8 +20,9 @@ import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from pipeline.errors import UserError
 from pipeline.image.decode import ORIENTATION_TRANSPOSE, load_first_frame, open_image, to_rgb, upright
-from pipeline.image.header import open_lazy, sniff
+from pipeline.image.header import EXTRACT_MAX_PIXELS, MAX_TRANSFORM_SIZE, open_lazy, sniff
 
 try:
     import simplejpeg
@@ -38,32 +39,48 @@ class TransformConfig:
     crop_size: int = 224
     keep_ratio: bool = True
     mode: str = "fast"  # "exact", or "device": plain JPEGs are decoded on the model's device
+    max_pixels: int = EXTRACT_MAX_PIXELS  # larger images are recorded as failed, not decoded
 
     def fingerprint(self) -> dict:
-        return {
+        fp = {
             "resize_size": self.resize_size,
             "crop_size": self.crop_size,
             "keep_ratio": self.keep_ratio,
             "mode": self.mode,
         }
+        if self.max_pixels != EXTRACT_MAX_PIXELS:  # runs made before the flag existed stay compatible
+            fp["max_pixels"] = self.max_pixels
+        return fp
+
+    def check(self) -> None:
+        """Sizes a model can use; an absurd one would make every image try a huge allocation."""
+        for flag, value in (("--resize-size", self.resize_size), ("--crop-size", self.crop_size)):
+            if not 1 <= value <= MAX_TRANSFORM_SIZE:
+                raise UserError(f"{flag} must be between 1 and {MAX_TRANSFORM_SIZE}, got {value}")
+        if self.crop_size > self.resize_size:
+            raise UserError(f"--crop-size {self.crop_size} is larger than --resize-size {self.resize_size}")
+        if self.max_pixels < 1:
+            raise UserError(f"--max-pixels must be positive, got {self.max_pixels}")
 
 
 def crop_uint8(data: bytes, cfg: TransformConfig) -> torch.Tensor:
     """Decode, orient, resize, center-crop; returns a (3, crop, crop) uint8 tensor."""
     if cfg.mode == "exact":
-        im = to_rgb(upright(open_image(data)), exact=True)
+        im = to_rgb(upright(open_image(data, cfg.max_pixels)), exact=True)
         size = [cfg.resize_size] if cfg.keep_ratio else [cfg.resize_size, cfg.resize_size]
         im = TF.resize(im, size, interpolation=InterpolationMode.BICUBIC)
         im = TF.center_crop(im, [cfg.crop_size, cfg.crop_size])
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-    pixels, full_size = decode_fast(data, cfg.resize_size)
+    pixels, full_size = decode_fast(data, cfg.resize_size, cfg.max_pixels)
     # (H, W, 3) seen as (3, H, W) without a copy: torch's uint8 resize kernel is fastest on this layout
     return resize_crop_tensor(torch.from_numpy(pixels).permute(2, 0, 1), cfg, full_size)
 
 
-def decode_fast(data: bytes, target_short: int) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_fast(
+    data: bytes, target_short: int, max_pixels: int = EXTRACT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Upright RGB pixels (H, W, 3), possibly decoded at a reduced scale, and the full-size upright (w, h)."""
-    head = sniff(data)
+    head = sniff(data, max_pixels)
     full, rotation = head.size, head.orientation
     reduce = min(full) >= 2 * target_short
     if head.plain_jpeg and simplejpeg is not None:

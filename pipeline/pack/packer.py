@@ -6,11 +6,15 @@ shard's bytes, is the same whatever the number of workers and whichever shards a
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,6 +32,7 @@ from pipeline.listing import Listing, SourceFile, list_images
 from pipeline.shardformat import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
 from pipeline.storage import (
     Location,
+    check_bucket,
     commit_file,
     commit_json,
     ensure_writable,
@@ -35,6 +40,7 @@ from pipeline.storage import (
     read_json,
     remove_stale_temps,
     staging_file,
+    utf8_json,
 )
 from pipeline.units import format_bytes
 
@@ -52,6 +58,7 @@ class PackConfig:
     workers: int = 1
     overwrite: bool = False
     progress: bool = True
+    create_bucket: bool = False
 
     def options(self) -> dict:
         """The settings that shape the shards' bytes (not how fast we get there)."""
@@ -105,14 +112,17 @@ def plan(files: list[SourceFile], cfg: PackConfig) -> list[ShardTask]:
 def _fingerprint(options: str, files: list[SourceFile]) -> str:
     h = hashlib.sha256(options.encode())
     for f in files:
-        h.update(f"\0{f.relpath}\0{f.size}".encode())
+        h.update(f"\0{f.relpath}\0{f.size}".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
     return h.hexdigest()[:16]
 
 
 def run_pack(cfg: PackConfig) -> PackResult:
     validate(cfg)
-    listing = list_images(cfg.src)
     dest = locate(cfg.dest)
+    src = locate(cfg.src)
+    inside = dest.path if type(dest.fs) is type(src.fs) and dest.path.startswith(src.path.rstrip("/") + "/") else None
+    listing = list_images(cfg.src, exclude=inside)  # DEST inside SRC: its own shards are not source files
+    check_bucket(dest, cfg.create_bucket)
     ensure_writable(dest)
     remove_stale_temps(dest, COMMITS_DIR)
     if cfg.overwrite:
@@ -145,10 +155,28 @@ def _run_tasks(todo: list[ShardTask], dest: Location, cfg: PackConfig) -> Iterat
         return
     # spawn, not fork: a forked child would inherit the async event loop of s3fs/gcsfs.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(cfg.workers, len(todo)), mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = [pool.submit(pack_shard, t, src_fs, dest, cfg) for t in todo]
         for fut in as_completed(futures):
             yield fut.result()
+
+
+def die_with_parent(parent: int) -> None:
+    """A worker ends when the pack process does, even by SIGKILL, which runs no cleanup: the
+    kernel's parent-death signal where there is one, and a watchdog thread besides."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    if os.getppid() != parent:  # died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="featpipe-parent-watch").start()
 
 
 def pack_shard(task: ShardTask, src_fs: fsspec.AbstractFileSystem, dest: Location, cfg: PackConfig) -> dict:
@@ -197,7 +225,7 @@ def pack_shard(task: ShardTask, src_fs: fsspec.AbstractFileSystem, dest: Locatio
             meta.update(key=key, shard=name, index=len(samples), field=info.ext)
             samples.append(meta)
             yield f"{key}.{info.ext}", data
-            yield f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+            yield f"{key}.json", utf8_json(meta)
 
     try:
         with open(staged, "wb") as out:

@@ -45,18 +45,17 @@ class FeatureSet:
         return block.reshape(stop - start, self.dim).astype(np.float32)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows by index (any order), as float32."""
+        """Rows by index (any order), as float32: gathered from a read-only memory map (the pages
+        stay in the page cache; one seek and read per row was 3× slower than the whole search)."""
         if self.tensor is not None:
             import torch
 
             return self.tensor[torch.from_numpy(np.asarray(rows, np.int64))].float().numpy()
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), self.dim), np.float32)
-        with open(self.file, "rb") as f:
-            for i in order:
-                f.seek(self.offset + int(rows[i]) * self.dim * self.dtype.itemsize)
-                out[i] = np.fromfile(f, dtype=self.dtype, count=self.dim)
-        return out
+        return np.asarray(self._map[np.asarray(rows, np.int64)], dtype=np.float32)
+
+    @cached_property
+    def _map(self) -> np.ndarray:
+        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.n, self.dim))
 
     @cached_property
     def fingerprint(self) -> str:
@@ -94,7 +93,9 @@ class FeatureSet:
         for shard in load_run(out).shard_names:
             if read_done(out, shard).rows:
                 keys += (
-                    pq.read_table(os.path.join(self.folder, CHUNKS, f"{shard}.parquet"), columns=["key"])
+                    pq.read_table(
+                        os.path.join(self.folder, CHUNKS, f"{shard}.parquet"), columns=["key"], use_threads=False
+                    )
                     .column("key")
                     .to_pylist()
                 )

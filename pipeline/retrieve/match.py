@@ -25,6 +25,7 @@ from pipeline.retrieve.features import FeatureSet, open_features
 from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, Tiling, finish_rows, normalize, plan_tiles, valid_rows
 from pipeline.storage import (
     Location,
+    check_bucket,
     commit_bytes,
     commit_file,
     commit_json,
@@ -67,6 +68,7 @@ class MatchConfig:
     names: MatchNames = field(default_factory=MatchNames)
     progress: bool = True
     barrier_timeout_s: float = 6 * 3600
+    create_bucket: bool = False
 
 
 @dataclass
@@ -84,6 +86,7 @@ def run_match(cfg: MatchConfig) -> MatchResult:
     method = _pick_method(cfg.method, fs, device)
     tiling = plan_tiles(fs.n, fs.dim, cfg.k + 1, cfg.memory_budget)
     out = locate(cfg.out)
+    check_bucket(out, cfg.create_bucket)
     ensure_writable(out)
     plan = {
         "features": fs.fingerprint,
