@@ -1,5 +1,6 @@
-"""The Parquet chunk format: one file per shard, columns key, path, shard, index and embedding
-(a fixed-size list of float32, the column embedding-reader and autofaiss read)."""
+"""The Parquet chunk format: one file per shard, columns key, path, shard, index, width, height
+(the image's upright size) and embedding (a fixed-size list of float32, the column embedding-reader
+and autofaiss read)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ class ShardRows:
     keys: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # upright (width, height) of each image
     features: list[np.ndarray] = field(default_factory=list)
     errors: list[SampleError] = field(default_factory=list)  # found on the device, beside the workers' own
 
-    def add(self, keys: list[str], paths: list[str], indices: list[int], feats: np.ndarray) -> None:
+    def add(
+        self, keys: list[str], paths: list[str], indices: list[int], sizes: list[tuple[int, int]], feats: np.ndarray
+    ) -> None:
         self.keys += keys
         self.paths += paths
         self.indices += indices
+        self.sizes += sizes
         self.features.append(feats)
 
     def __len__(self) -> int:
@@ -52,6 +57,8 @@ def chunk_table(rows: ShardRows) -> pa.Table:
             "path": rows.paths,
             "shard": [rows.shard] * len(rows.keys),
             "index": pa.array(rows.indices, pa.int64()),
+            "width": pa.array([w for w, _ in rows.sizes], pa.int32()),
+            "height": pa.array([h for _, h in rows.sizes], pa.int32()),
             "embedding": emb,
         }
     )

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_name_flags(v)
     v.set_defaults(run=_cmd_verify)
     _add_match(sub)
+    _add_dedup(sub)
     return parser
 
 
@@ -152,36 +153,83 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
     m.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
     m.add_argument("out", help="output folder")
     m.add_argument("-k", type=_positive, default=10, help="neighbours per vector (default 10)")
-    m.add_argument(
+    m.add_argument("--exclude-self", action="store_true", help="do not list each vector as its own neighbour")
+    m.add_argument("--numpy-matches", default="matches.npy", help="neighbour rows file name in OUT (uint32)")
+    m.add_argument("--numpy-similarity-scores", default="scores.npy", help="scores file name in OUT (float16)")
+    _add_search_flags(m)
+    m.set_defaults(run=_cmd_match)
+
+
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    """How the kNN search runs, for match and dedup."""
+    p.add_argument(
         "--method",
         choices=("auto", "exact", "ivf"),
         default="auto",
         help="exact: every pair; ivf: a faiss IVF index tuned to recall@k ≥ 0.95; auto: exact while "
         "N²·D is small enough (see README)",
     )
-    m.add_argument("--exclude-self", action="store_true", help="do not list each vector as its own neighbour")
-    m.add_argument(
+    p.add_argument(
         "--memory-budget",
         type=_size,
         default=2 * 10**9,
         metavar="SIZE",
         help="memory for the search tiles (default 2GB; accepts 512MB)",
     )
-    m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    m.add_argument("--numpy-matches", default="matches.npy", help="neighbour rows file name in OUT (uint32)")
-    m.add_argument("--numpy-similarity-scores", default="scores.npy", help="scores file name in OUT (float16)")
-    m.add_argument("--overwrite", action="store_true", help="replace a match made earlier in OUT")
-    m.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
-    m.add_argument(
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace results made earlier in OUT")
+    p.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
+    p.add_argument(
         "--barrier-timeout",
         type=_positive,
         default=6 * 3600,
         metavar="SECONDS",
         help="under torchrun: how long rank 0 waits for the slowest rank",
     )
-    m.add_argument("--no-progress", action="store_true", help="no progress bar")
-    m.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    m.set_defaults(run=_cmd_match)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _search_settings(args: argparse.Namespace) -> dict:
+    return {
+        "method": args.method,
+        "memory_budget": args.memory_budget,
+        "device": args.device,
+        "overwrite": args.overwrite,
+        "progress": not args.no_progress,
+        "barrier_timeout_s": args.barrier_timeout,
+        "create_bucket": args.create_bucket,
+    }
+
+
+def _cosine(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a cosine similarity is between -1 and 1, got {value}")
+    return value
+
+
+def _add_dedup(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("dedup", help="features → near-duplicate groups (groups.json, duplicates.json, to_remove.txt)")
+    d.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    d.add_argument("out", help="output folder (also holds the kNN search it rides on)")
+    d.add_argument(
+        "--threshold",
+        type=_cosine,
+        required=True,
+        help="cosine similarity at or above which two images are duplicates (the printed histogram "
+        "helps to choose it for a model)",
+    )
+    d.add_argument("-k", type=_positive, default=10, help="neighbours looked at per image (the largest group size)")
+    d.add_argument(
+        "--linkage",
+        choices=("star", "connected"),
+        default="star",
+        help="star: every member within the threshold of its representative (default); connected: "
+        "connected components, which can chain unrelated images",
+    )
+    _add_search_flags(d)
+    d.set_defaults(run=_cmd_dedup)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -316,21 +364,19 @@ def _cmd_match(args: argparse.Namespace) -> int:
     for flag in ("numpy_matches", "numpy_similarity_scores"):
         if "/" in getattr(args, flag):
             raise UserError(f"--{flag.replace('_', '-')} is a file name inside OUT, not a path")
+    names = MatchNames(args.numpy_matches, args.numpy_similarity_scores)
     cfg = MatchConfig(
-        args.features,
-        args.out,
-        k=args.k,
-        method=args.method,
-        exclude_self=args.exclude_self,
-        memory_budget=args.memory_budget,
-        device=args.device,
-        overwrite=args.overwrite,
-        names=MatchNames(args.numpy_matches, args.numpy_similarity_scores),
-        progress=not args.no_progress,
-        barrier_timeout_s=args.barrier_timeout,
-        create_bucket=args.create_bucket,
+        args.features, args.out, k=args.k, exclude_self=args.exclude_self, names=names, **_search_settings(args)
     )
     print(summary(run_match(cfg)))
+    return EXIT_OK
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.dedup import DedupConfig, run_dedup, summary
+
+    cfg = DedupConfig(args.features, args.out, args.threshold, args.k, args.linkage, _search_settings(args))
+    print(summary(run_dedup(cfg), args.out.rstrip("/")))
     return EXIT_OK
 
 

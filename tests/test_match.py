@@ -220,3 +220,55 @@ def test_bad_input_is_one_line(case, vectors, exact, tmp_path):
     }[case]
     assert expect in last
     assert not out.exists() and sorted(p.name for p in exact.iterdir()) == before
+
+
+def planted(n: int, dim: int, pairs: int, seed: int = 3) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    src = rng.choice(n // 2, pairs, replace=False)
+    dst = src + n // 2
+    x[dst] = x[src] + 0.05 * rng.standard_normal((pairs, dim)).astype(np.float32)  # cosine ≈ 0.999
+    return x, list(zip(src.tolist(), dst.tolist(), strict=True))
+
+
+def test_dedup_star_groups_planted_duplicates(tmp_path):
+    x, pairs = planted(5000, 64, 100)
+    np.save(tmp_path / "x.npy", x.astype(np.float16))
+    proc = run_cli("dedup", tmp_path / "x.npy", tmp_path / "d", "--threshold", "0.95", "--no-progress")
+    assert "nearest-neighbour cosine" in proc.stdout and "100 groups" in proc.stdout
+    groups = json.loads((tmp_path / "d" / "groups.json").read_text())
+    together = {frozenset(g["members"]) for g in groups}
+    assert sum(frozenset(p) in together for p in pairs) / len(pairs) >= 0.99
+    for g in groups:
+        assert g["members"][0] == g["representative"] and min(g["scores"]) >= 0.95
+        assert g["representative"] == min(g["members"])  # no image sizes: the first row represents
+    removed = (tmp_path / "d" / "to_remove.txt").read_text().split()
+    assert sorted(map(int, removed)) == sorted(b for _, b in pairs)
+    dups = json.loads((tmp_path / "d" / "duplicates.json").read_text())
+    a, b = pairs[0]
+    assert dups[str(a)] == [str(b)] and dups[str(b)] == [str(a)]
+
+
+def test_star_never_chains_connected_does(tmp_path):
+    """A~B and B~C above the threshold, A and C far apart: star keeps A and C apart."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x[:3] = 0
+    x[0, 0] = 1
+    x[1, :2] = [np.cos(0.35), np.sin(0.35)]  # A·B ≈ 0.94
+    x[2, :2] = [np.cos(0.70), np.sin(0.70)]  # B·C ≈ 0.94, A·C ≈ 0.76
+    np.save(tmp_path / "x.npy", x)
+    run_cli("dedup", tmp_path / "x.npy", tmp_path / "star", "--threshold", "0.9", "--no-progress")
+    run_cli(
+        "dedup", tmp_path / "x.npy", tmp_path / "cc", "--threshold", "0.9", "--linkage", "connected", "--no-progress"
+    )
+    star = json.loads((tmp_path / "star" / "groups.json").read_text())
+    cc = json.loads((tmp_path / "cc" / "groups.json").read_text())
+    assert {0, 1} in [set(g["members"]) for g in star] and not any({0, 2} <= set(g["members"]) for g in star)
+    chain = next(g for g in cc if 0 in g["members"])
+    assert set(chain["members"]) == {0, 1, 2} and min(chain["scores"]) < 0.9  # connected chains, and says so
+
+
+def test_dedup_threshold_out_of_range_is_one_line(vectors, tmp_path):
+    proc = run_cli("dedup", vectors, tmp_path / "d", "--threshold", "1.5", check=False)
+    assert proc.returncode == 2 and "between -1 and 1" in proc.stderr and not (tmp_path / "d").exists()

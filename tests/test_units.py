@@ -130,7 +130,7 @@ def _hand_built_out(tmp_path) -> str:
     rng = np.random.default_rng(0)
     for s, name in enumerate(run.shard_names):
         rows = ShardRows(name)
-        rows.add([f"{s}_0"], [f"/img/{s}_0.jpg"], [0], rng.standard_normal((1, 4)).astype(np.float32))
+        rows.add([f"{s}_0"], [f"/img/{s}_0.jpg"], [0], [(8, 6)], rng.standard_normal((1, 4)).astype(np.float32))
         write_chunk(out, rows)
         bad = SampleError(name, f"{s}_1", f"/img/{s}_1.jpg", 1, "decode failed: OSError: truncated")
         write_done(out, DoneRecord(name, 1, 2, [bad], None, 4, f"chunks/{name}.parquet", run.fingerprint))

@@ -34,7 +34,11 @@ class ChunkCommitter:
         rows = self.rows(batch.shard)
         if feats is not None:
             rows.add(
-                [batch.keys[i] for i in keep], [batch.paths[i] for i in keep], [batch.indices[i] for i in keep], feats
+                [batch.keys[i] for i in keep],
+                [batch.paths[i] for i in keep],
+                [batch.indices[i] for i in keep],
+                [batch.sizes[i] for i in keep],
+                feats,
             )
         if batch.end is not None:
             self.writes.append(self.pool.submit(self._commit, self.pending.pop(batch.shard), batch.end))

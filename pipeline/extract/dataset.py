@@ -14,7 +14,7 @@ from pipeline.errors import SampleError, reason
 from pipeline.extract.inputs import ShardRef
 from pipeline.extract.reader import RawSample, ReadConfig, ShardReport, iter_shard
 from pipeline.image.device import DeviceJpeg, device_decodable
-from pipeline.image.transform import TransformConfig, crop_uint8
+from pipeline.image.transform import TransformConfig, crop_with_size
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Batch:
     keys: list[str]
     paths: list[str]
     indices: list[int]
+    sizes: list[tuple[int, int]]  # each image's upright (width, height) before resizing
     end: ShardReport | None  # set on the shard's last batch: what else reading the shard found
 
     def __len__(self) -> int:
@@ -55,55 +56,61 @@ class ShardStream(IterableDataset):
 
     def _shard_batches(self, shard: ShardRef) -> Iterator[Batch]:
         report = ShardReport()
-        items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]] = []
+        items: list[_Item] = []
         for raw in iter_shard(shard, report, self.read):
-            crop, why = _decode(raw, self.transform, len(items))
-            if crop is None:
+            item, why = _decode(raw, self.transform, len(items))
+            if item is None:
                 report.errors.append(SampleError(shard.name, raw.key, raw.path, raw.index, why))
                 continue
-            items.append((raw, crop))
+            items.append(item)
             if len(items) == self.batch_size:
                 yield _batch(shard, items, self.transform, None)
                 items = []
         yield _batch(shard, items, self.transform, report)
 
 
-def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[torch.Tensor | DeviceJpeg | None, str]:
+@dataclass
+class _Item:
+    raw: RawSample
+    crop: torch.Tensor | DeviceJpeg
+    size: tuple[int, int]
+
+
+def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[_Item | None, str]:
     if raw.error:
         return None, raw.error
     try:
         if cfg.mode == "device":
-            on_device, rotation = device_decodable(raw.data, cfg.max_pixels)
+            on_device, rotation, size = device_decodable(raw.data, cfg.max_pixels)
             if on_device:
-                return DeviceJpeg(slot, torch.frombuffer(bytearray(raw.data), dtype=torch.uint8), rotation), ""
-        return crop_uint8(raw.data, cfg), ""
+                jpeg = DeviceJpeg(slot, torch.frombuffer(bytearray(raw.data), dtype=torch.uint8), rotation)
+                return _Item(raw, jpeg, size), ""
+        crop, size = crop_with_size(raw.data, cfg)
+        return _Item(raw, crop, size), ""
     except Exception as exc:  # Pillow raises many types for damaged data
         return None, f"decode failed: {reason(exc)}"
 
 
-def _batch(
-    shard: ShardRef,
-    items: list[tuple[RawSample, torch.Tensor | DeviceJpeg]],
-    cfg: TransformConfig,
-    report: ShardReport | None,
-) -> Batch:
+def _batch(shard: ShardRef, items: list[_Item], cfg: TransformConfig, report: ShardReport | None) -> Batch:
     """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills.
     Channels-last, the layout the decoder and the resize produce: stacking is then a plain copy
     (a planar batch cost ~0.2 ms per image in the worker); the device makes it planar."""
-    fill = torch.zeros if any(isinstance(c, DeviceJpeg) for _, c in items) else torch.empty
+    fill = torch.zeros if any(isinstance(it.crop, DeviceJpeg) for it in items) else torch.empty
     images = fill((len(items), cfg.crop_size, cfg.crop_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     jpegs = []
-    for i, (_, c) in enumerate(items):
-        if isinstance(c, DeviceJpeg):
-            jpegs.append(c)
+    for i, it in enumerate(items):
+        if isinstance(it.crop, DeviceJpeg):
+            jpegs.append(it.crop)
         else:
-            images[i] = c
+            images[i] = it.crop
+    raws = [it.raw for it in items]
     return Batch(
         shard.name,
         images,
         jpegs,
-        [r.key for r, _ in items],
-        [r.path for r, _ in items],
-        [r.index for r, _ in items],
+        [r.key for r in raws],
+        [r.path for r in raws],
+        [r.index for r in raws],
+        [it.size for it in items],
         report,
     )

@@ -27,12 +27,14 @@ class DeviceJpeg:
     rotation: int  # EXIF orientation
 
 
-def device_decodable(data: bytes, max_pixels: int = EXTRACT_MAX_PIXELS) -> tuple[bool, int]:
-    """Plain (YCbCr or gray) baseline/progressive JPEGs go to the device; CMYK and the rest do not."""
+def device_decodable(data: bytes, max_pixels: int = EXTRACT_MAX_PIXELS) -> tuple[bool, int, tuple[int, int]]:
+    """Plain (YCbCr or gray) baseline/progressive JPEGs go to the device; CMYK and the rest do not.
+    Returns (to the device?, EXIF orientation, upright size)."""
     if data[:2] != b"\xff\xd8":
-        return False, 1
+        return False, 1, (0, 0)
     head = sniff(data, max_pixels)
-    return head.plain_jpeg, head.orientation
+    size = (head.height, head.width) if head.orientation >= 5 else head.size
+    return head.plain_jpeg, head.orientation, size
 
 
 def decode_on_device(

@@ -65,15 +65,21 @@ class TransformConfig:
 
 def crop_uint8(data: bytes, cfg: TransformConfig) -> torch.Tensor:
     """Decode, orient, resize, center-crop; returns a (3, crop, crop) uint8 tensor."""
+    return crop_with_size(data, cfg)[0]
+
+
+def crop_with_size(data: bytes, cfg: TransformConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The crop, and the image's upright full size (width, height)."""
     if cfg.mode == "exact":
         im = to_rgb(upright(open_image(data, cfg.max_pixels)), exact=True)
-        size = [cfg.resize_size] if cfg.keep_ratio else [cfg.resize_size, cfg.resize_size]
-        im = TF.resize(im, size, interpolation=InterpolationMode.BICUBIC)
+        size = im.size
+        target = [cfg.resize_size] if cfg.keep_ratio else [cfg.resize_size, cfg.resize_size]
+        im = TF.resize(im, target, interpolation=InterpolationMode.BICUBIC)
         im = TF.center_crop(im, [cfg.crop_size, cfg.crop_size])
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), size
     pixels, full_size = decode_fast(data, cfg.resize_size, cfg.max_pixels)
     # (H, W, 3) seen as (3, H, W) without a copy: torch's uint8 resize kernel is fastest on this layout
-    return resize_crop_tensor(torch.from_numpy(pixels).permute(2, 0, 1), cfg, full_size)
+    return resize_crop_tensor(torch.from_numpy(pixels).permute(2, 0, 1), cfg, full_size), full_size
 
 
 def decode_fast(

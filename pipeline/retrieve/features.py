@@ -79,32 +79,47 @@ class FeatureSet:
             raise UserError(f"{self.folder}: {img_list} lists {len(paths)} paths for {self.n} rows")
         return paths
 
-    @cached_property
+    @property
     def keys(self) -> list[str] | None:
-        """Sample keys in row order, read from the chunks' key column alone."""
-        if self.folder is None:
+        """Sample keys in row order, from the chunks."""
+        return self._chunk_columns.get("key")
+
+    @property
+    def sizes(self) -> list[tuple[int, int]] | None:
+        """Each image's upright (width, height), from the chunks (None for bare arrays and for
+        chunks written before featpipe recorded sizes)."""
+        cols = self._chunk_columns
+        if "width" not in cols:
             return None
+        return list(zip(cols["width"], cols["height"], strict=True))
+
+    @cached_property
+    def _chunk_columns(self) -> dict[str, list]:
+        """key, width and height in row order, read from the chunks' small columns alone."""
+        if self.folder is None:
+            return {}
         import pyarrow.parquet as pq
 
         from pipeline.outdir import read_done
 
         out = locate(self.folder)
-        keys: list[str] = []
+        columns: dict[str, list] = {}
         for shard in load_run(out).shard_names:
-            if read_done(out, shard).rows:
-                keys += (
-                    pq.read_table(
-                        os.path.join(self.folder, CHUNKS, f"{shard}.parquet"), columns=["key"], use_threads=False
-                    )
-                    .column("key")
-                    .to_pylist()
-                )
-        if len(keys) != self.n:
+            if not read_done(out, shard).rows:
+                continue
+            path = os.path.join(self.folder, CHUNKS, f"{shard}.parquet")
+            names = [c for c in ("key", "width", "height") if c in pq.read_schema(path).names]
+            table = pq.read_table(path, columns=names, use_threads=False)
+            for name in names:
+                columns.setdefault(name, []).extend(table.column(name).to_pylist())
+        if len(columns.get("key", [])) != self.n:
             raise UserError(
-                f"{self.folder}: its chunks hold {len(keys)} rows, its features {self.n}; "
+                f"{self.folder}: its chunks hold {len(columns.get('key', []))} rows, its features {self.n}; "
                 "run `featpipe consolidate` again"
             )
-        return keys
+        if "width" in columns and len(columns["width"]) != self.n:  # chunks from before sizes were recorded
+            del columns["width"], columns["height"]
+        return columns
 
 
 def open_features(spec: str) -> FeatureSet:

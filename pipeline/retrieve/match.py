@@ -283,6 +283,18 @@ def _load_block(out: Location, start: int, what: str) -> np.ndarray:
         return np.load(io.BytesIO(f.read()), allow_pickle=False)
 
 
+def load_neighbors(out: Location) -> tuple[np.ndarray, np.ndarray]:
+    """A finished match's neighbours (uint32) and their exact float32 scores, from its blocks
+    (scores.npy holds them rounded to float16, as the original matcher saves them)."""
+    plan = read_json(out.fs, out.join(PLAN_FILE))
+    starts = range(0, plan["n"], plan["query_rows"])
+    matches = (
+        np.concatenate([_load_block(out, s, "matches") for s in starts]) if plan["n"] else np.zeros((0, plan["k"]))
+    )
+    scores = np.concatenate([_load_block(out, s, "scores") for s in starts]) if plan["n"] else np.zeros((0, plan["k"]))
+    return matches.astype(np.uint32), scores.astype(np.float32)
+
+
 def _assemble(out: Location, fs: FeatureSet, starts: list[int], cfg: MatchConfig) -> None:
     """Blocks → matches.npy (uint32) and scores.npy (float16), as the original matcher saves them,
     and neighbors.parquet when FEATURES knows keys and paths; one block in memory at a time."""
