@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(run=_cmd_verify)
     _add_match(sub)
     _add_dedup(sub)
+    _add_index(sub)
     return parser
 
 
@@ -232,6 +233,38 @@ def _add_dedup(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(run=_cmd_dedup)
 
 
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("index", help="features → a faiss index (index.faiss, ids.parquet, index.json) to query")
+    i.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    i.add_argument("index", help="output folder for the index")
+    i.add_argument(
+        "--index-key",
+        default="auto",
+        help="auto (Flat, HNSW or IVF by N and the memory budget; see README) or any faiss "
+        "index_factory string, e.g. IVF1024,PQ32",
+    )
+    i.add_argument(
+        "--memory-budget", type=_size, default=2 * 10**9, metavar="SIZE", help="memory the index may take (default 2GB)"
+    )
+    i.add_argument("--overwrite", action="store_true", help="replace an index built earlier in INDEX")
+    i.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    i.set_defaults(run=_cmd_index)
+    q = sub.add_parser("query", help="nearest images to an image file or URL, a key or path in the set, or vectors")
+    q.add_argument("target", metavar="INDEX_OR_FEATURES", help="an index folder, or FEATURES searched exactly")
+    q.add_argument(
+        "queries",
+        metavar="QUERY",
+        nargs="+",
+        help="an image file or URL (embedded with the extract run's model), a key or path in the set, "
+        "or a .npy of vectors",
+    )
+    q.add_argument("-k", type=_positive, default=10, help="neighbours per query (default 10)")
+    q.add_argument("--json", action="store_true", help="JSON lines instead of rank, score, path")
+    q.add_argument("--device", default="auto", help="where to embed image queries: auto, cpu, cuda")
+    q.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    q.set_defaults(run=_cmd_query)
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """The original extract_fts.py's flags, in dash style."""
     p.add_argument(
@@ -377,6 +410,21 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
     cfg = DedupConfig(args.features, args.out, args.threshold, args.k, args.linkage, _search_settings(args))
     print(summary(run_dedup(cfg), args.out.rstrip("/")))
+    return EXIT_OK
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.index import IndexConfig, build_index, summary
+
+    meta = build_index(IndexConfig(args.features, args.index, args.index_key, args.memory_budget, args.overwrite))
+    print(summary(meta, args.index))
+    return EXIT_OK
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.query import format_hits, run_query
+
+    print(format_hits(run_query(args.target, args.queries, args.k, args.device), args.json))
     return EXIT_OK
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as tdist
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class DistContext:
 def init(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
     """nccl on CUDA, gloo on CPU. The timeout bounds the final barrier, where fast ranks wait for
     the slowest: it must cover a whole rank's share of the job, hence hours, not the defaults."""
-    if ctx.active and not tdist.is_initialized():
+    if not ctx.active:
+        return
+    import torch.distributed as tdist  # here, not at the top: a single process need not load torch
+
+    if not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         timeout = timedelta(seconds=timeout_s)
@@ -47,10 +52,18 @@ def init(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
 
 
 def barrier(ctx: DistContext) -> None:
-    if ctx.active and tdist.is_initialized():
+    if not ctx.active:
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
         tdist.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.active and tdist.is_initialized():
+    if not ctx.active:
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
         tdist.destroy_process_group()

@@ -435,3 +435,23 @@ def test_match_on_an_extract_folder_joins_keys_and_paths(extracted, tmp_path):
         assert r["query_key"] == keys[r["query"]] and r["neighbor_key"] == keys[r["neighbor"]]
         assert matches[r["query"], r["rank"]] == r["neighbor"]
     assert all(r["neighbor"] == r["query"] and r["score"] > 0.999 for r in nb if r["rank"] == 0)
+
+
+def test_query_with_an_image_file_finds_its_own_row(extracted, sample_dir, tmp_path):
+    """The image alone, embedded with the model and transform run.json recorded, through the CLI."""
+    out, _ = extracted
+    image = sample_dir / "photos" / "IMG_0003.jpg"
+    hits = [json.loads(ln) for ln in run_cli("query", out, image, "-k", "2", "--json").stdout.splitlines()]
+    assert hits[0]["path"] == str(image) and hits[0]["score"] >= 0.999 and hits[0]["rank"] == 0
+    run_cli("index", out, tmp_path / "index")
+    meta = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert meta["embedder"]["model"]["name"] == "vit_tiny_p14" and meta["index_key"] == "Flat"
+    key = hits[0]["key"]
+    by_key = [
+        json.loads(ln) for ln in run_cli("query", tmp_path / "index", key, str(image), "--json").stdout.splitlines()
+    ]
+    assert by_key[0]["row"] == hits[0]["row"] and by_key[0]["query"] == key
+    from_image = [h for h in by_key if h["query"] == str(image)]
+    assert from_image[0]["row"] == hits[0]["row"] and from_image[0]["score"] >= 0.999
+    bad = run_cli("query", out, sample_dir / "broken" / "text_named.jpg", check=False)
+    assert bad.returncode == 1 and "cannot decode query image" in bad.stderr and "Traceback" not in bad.stderr

@@ -272,3 +272,35 @@ def test_star_never_chains_connected_does(tmp_path):
 def test_dedup_threshold_out_of_range_is_one_line(vectors, tmp_path):
     proc = run_cli("dedup", vectors, tmp_path / "d", "--threshold", "1.5", check=False)
     assert proc.returncode == 2 and "between -1 and 1" in proc.stderr and not (tmp_path / "d").exists()
+
+
+def test_index_auto_answers_with_the_recall_target(tmp_path):
+    x = clustered(30000, 32, seed=7)
+    np.save(tmp_path / "x.npy", x)
+    queries = x[::300][:100]
+    np.save(tmp_path / "q.npy", queries)
+    _, truth = reference(np.concatenate([x, queries]), 11)  # exact neighbours among x (queries are rows of x)
+    truth = truth[len(x) :, 1:]
+    for budget, kind in (("2GB", "HNSW32,Flat"), ("20MB", "IVF")):
+        index = tmp_path / f"index-{budget}"
+        proc = run_cli("index", tmp_path / "x.npy", index, "--memory-budget", budget)
+        meta = json.loads((index / "index.json").read_text())
+        assert meta["index_key"].startswith(kind) and meta["estimated_recall_at_10"] >= 0.95, proc.stdout
+        out = run_cli("query", index, tmp_path / "q.npy", "--json").stdout
+        hits = [json.loads(ln) for ln in out.splitlines()]
+        found = np.array([h["row"] for h in hits]).reshape(100, 10)
+        recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist(), strict=True)])
+        assert recall >= 0.95, (budget, recall)
+        assert all(h["score"] <= 1.0001 for h in hits)
+
+
+def test_query_features_exactly_and_bad_queries(vectors, tmp_path):
+    x = np.load(vectors)
+    np.save(tmp_path / "q.npy", x[[10, 20]])
+    out = run_cli("query", vectors, tmp_path / "q.npy", "-k", "3").stdout.splitlines()
+    assert out[0].endswith("q.npy[0]") and out[1].split("\t")[2] == "10" and float(out[1].split("\t")[1]) > 0.999
+    np.save(tmp_path / "wrong.npy", np.ones((1, 7), np.float32))
+    proc = run_cli("query", vectors, tmp_path / "wrong.npy", check=False)
+    assert proc.returncode == 1 and "holds 48-dim vectors; the queries are 7-dim" in proc.stderr
+    proc = run_cli("query", vectors, tmp_path / "nothing.jpg", check=False)
+    assert proc.returncode == 1 and "does not record the model" in proc.stderr and "Traceback" not in proc.stderr

@@ -97,9 +97,10 @@ def run_match(cfg: MatchConfig) -> MatchResult:
         "method": method,
         **tiling.settings,
     }
-    import torch
+    if ctx.active:
+        import torch
 
-    dist.init(ctx, torch.device(device), cfg.barrier_timeout_s)
+        dist.init(ctx, torch.device(device), cfg.barrier_timeout_s)
     timings: dict[str, float] = {}
     try:
         _prepare_out(out, plan, cfg, ctx)
@@ -137,6 +138,8 @@ def _validate(cfg: MatchConfig, fs: FeatureSet) -> None:
 
 
 def _pick_device(requested: str, local_rank: int) -> str:
+    if requested == "auto" and not os.path.exists("/dev/nvidiactl"):
+        return "cpu"  # no NVIDIA driver: no need to load torch (1–2 s of a CPU match's start-up)
     import torch
 
     if requested == "auto":
