@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_match(sub)
     _add_dedup(sub)
     _add_index(sub)
+    _add_show(sub)
     return parser
 
 
@@ -265,6 +266,18 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_cmd_query)
 
 
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("show", help="a static HTML page of a match's neighbours or a dedup's groups")
+    s.add_argument("source", metavar="MATCH_OR_DEDUP", help="the OUT folder of featpipe match or featpipe dedup")
+    s.add_argument("page", help="the page to write, e.g. page.html (more pages: page-2.html, …)")
+    s.add_argument(
+        "--sample", type=_positive, default=100, help="queries (match) or groups (dedup) shown (default 100)"
+    )
+    s.add_argument("--thumb", type=_positive, default=128, help="thumbnail size in pixels (default 128)")
+    s.add_argument("--per-page", type=_positive, default=25, help="queries or groups per page (default 25)")
+    s.set_defaults(run=_cmd_show)
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """The original extract_fts.py's flags, in dash style."""
     p.add_argument(
@@ -425,6 +438,13 @@ def _cmd_query(args: argparse.Namespace) -> int:
     from pipeline.retrieve.query import format_hits, run_query
 
     print(format_hits(run_query(args.target, args.queries, args.k, args.device), args.json))
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.show import run_show, summary
+
+    print(summary(run_show(args.source, args.page, args.sample, args.thumb, args.per_page)))
     return EXIT_OK
 
 

@@ -93,9 +93,14 @@ class FeatureSet:
             return None
         return list(zip(cols["width"], cols["height"], strict=True))
 
+    @property
+    def shards(self) -> list[str] | None:
+        """Each row's shard name, from the chunks."""
+        return self._chunk_columns.get("shard")
+
     @cached_property
     def _chunk_columns(self) -> dict[str, list]:
-        """key, width and height in row order, read from the chunks' small columns alone."""
+        """key, shard, width and height in row order, read from the chunks' small columns alone."""
         if self.folder is None:
             return {}
         import pyarrow.parquet as pq
@@ -108,7 +113,7 @@ class FeatureSet:
             if not read_done(out, shard).rows:
                 continue
             path = os.path.join(self.folder, CHUNKS, f"{shard}.parquet")
-            names = [c for c in ("key", "width", "height") if c in pq.read_schema(path).names]
+            names = [c for c in ("key", "shard", "width", "height") if c in pq.read_schema(path).names]
             table = pq.read_table(path, columns=names, use_threads=False)
             for name in names:
                 columns.setdefault(name, []).extend(table.column(name).to_pylist())

@@ -1,0 +1,243 @@
+"""`featpipe show MATCH_OR_DEDUP page.html`: static, self-contained HTML pages to look at the
+neighbours of a sample of queries, or at duplicate groups. Thumbnails are small JPEGs inlined as
+data URIs (read from the shards, or from the source files in folder mode), so a page opens from a
+file, offline, and carries no local path a browser would fetch; every path and key is escaped.
+Pages hold a bounded number of items, linked page to page, so each stays light.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.outdir import load_run
+from pipeline.retrieve.features import FeatureSet, open_features
+from pipeline.retrieve.knn import NO_MATCH
+from pipeline.storage import commit_bytes, ensure_writable, locate, read_json
+
+PER_PAGE = 25  # queries or groups per page: 25 × 11 thumbnails of 128 px are ~1 MB
+MAX_MEMBERS = 48  # thumbnails shown per duplicate group
+
+
+@dataclass(frozen=True)
+class Tile:
+    row: int
+    caption: str  # plain text, escaped when written
+    badge: str = ""
+
+
+@dataclass(frozen=True)
+class Item:
+    title: str
+    tiles: list[Tile]
+
+
+def run_show(source: str, page: str, sample: int = 100, thumb: int = 128, per_page: int = PER_PAGE) -> list[str]:
+    """Writes page.html (and page-2.html, …); returns their paths."""
+    if not 16 <= thumb <= 1024:
+        raise UserError(f"--thumb must be between 16 and 1024 pixels, got {thumb}")
+    kind, report = _kind(source)
+    fs = _features(report)
+    items = _match_items(source, fs, sample) if kind == "match" else _dedup_items(source, fs, sample)
+    folder = os.path.dirname(os.path.abspath(page))
+    ensure_writable(locate(folder))  # an unwritable target is one line before any work is done
+    rows = {t.row for it in items for t in it.tiles}
+    thumbs = Thumbnails(fs, thumb).make(rows)
+    chunks = [items[i : i + per_page] for i in range(0, len(items), per_page)] or [[]]
+    names = [_page_name(page, i) for i in range(len(chunks))]
+    heading = f"featpipe {kind}: {source}"
+    for i, chunk in enumerate(chunks):
+        body = _render(heading, chunk, thumbs, fs, names, i, thumb)
+        commit_bytes(locate(folder).fs, os.path.join(folder, os.path.basename(names[i])), body.encode())
+    return [os.path.join(folder, os.path.basename(n)) for n in names]
+
+
+def _kind(source: str) -> tuple[str, dict]:
+    for kind, name in (("dedup", "dedup.json"), ("match", "match.json")):
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            report = read_json(locate(source).fs, path)
+            if kind == "dedup":
+                report = {**report, **read_json(locate(source).fs, os.path.join(source, "match.json"))}
+            return kind, report
+    raise UserError(f"{source} is not the output of `featpipe match` or `featpipe dedup` (no match.json)")
+
+
+def _features(report: dict) -> FeatureSet | None:
+    path = report.get("features")
+    if not path or not os.path.exists(path):
+        return None
+    fs = open_features(path)
+    if fs.fingerprint != report.get("features_fingerprint"):
+        raise UserError(f"the features at {path} changed since this match was made; run the match again")
+    return fs
+
+
+def _sample(rows: np.ndarray, sample: int) -> np.ndarray:
+    if len(rows) <= sample:
+        return rows
+    return np.sort(np.random.default_rng(0).choice(rows, sample, replace=False))
+
+
+def _match_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
+    from pipeline.retrieve.match import load_neighbors
+
+    matches, scores = load_neighbors(locate(source))
+    queries = _sample(np.flatnonzero(matches[:, 0] != NO_MATCH), sample)
+    items = []
+    for q in queries:
+        tiles = [Tile(int(q), _name(fs, int(q)), "query")]
+        for m, s in zip(matches[q], scores[q], strict=True):
+            if m != NO_MATCH and m != q:
+                tiles.append(Tile(int(m), _name(fs, int(m)), f"{s:.4f}"))
+        items.append(Item(f"row {q}", tiles))
+    return items
+
+
+def _dedup_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
+    groups = read_json(locate(source).fs, os.path.join(source, "groups.json"))
+    groups = sorted(groups, key=lambda g: (-len(g["members"]), g["representative"]))[:sample]
+    items = []
+    for g in groups:
+        tiles = [
+            Tile(m, _name(fs, m), "representative" if m == g["representative"] else f"{s:.4f}")
+            for m, s in list(zip(g["members"], g["scores"], strict=True))[:MAX_MEMBERS]
+        ]
+        more = len(g["members"]) - len(tiles)
+        items.append(Item(f"group of {len(g['members'])}" + (f" ({more} not shown)" if more > 0 else ""), tiles))
+    return items
+
+
+def _name(fs: FeatureSet | None, row: int) -> str:
+    paths = fs.paths if fs else None
+    return paths[row] if paths else f"row {row}"
+
+
+class Thumbnails:
+    """Small JPEGs as data URIs, read once per shard (tar shards) or per file (folder mode)."""
+
+    def __init__(self, fs: FeatureSet | None, size: int):
+        self.fs, self.size = fs, size
+
+    def make(self, rows: set[int]) -> dict[int, str]:
+        fs = self.fs
+        if fs is None or fs.folder is None or fs.shards is None:
+            return {}
+        urls = {s.name: s.url for s in load_run(locate(fs.folder)).shards}
+        wanted: dict[str, dict[str, int]] = {}
+        for r in sorted(rows):
+            wanted.setdefault(fs.shards[r], {})[fs.keys[r]] = r
+        out: dict[int, str] = {}
+        for shard, keys in sorted(wanted.items()):
+            url = urls[shard]
+            if url.endswith((".tar", ".tgz", ".tar.gz")):
+                out |= self._from_tar(url, keys)
+            else:  # folder mode: the sample's path is the source file
+                for r in keys.values():
+                    out[r] = self._from_file(fs.paths[r])
+        return {r: uri for r, uri in out.items() if uri}
+
+    def _from_tar(self, url: str, keys: dict[str, int]) -> dict[int, str]:
+        import fsspec
+        from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+        from pipeline.image.header import IMAGE_EXTENSIONS
+
+        found: dict[int, str] = {}
+        try:
+            with fsspec.open(url, "rb") as stream:
+                for member in tar_file_iterator(stream):
+                    key, ext = base_plus_ext(member["fname"])
+                    if key in keys and ext and ext.lower() in IMAGE_EXTENSIONS:
+                        found[keys[key]] = self._encode(member["data"])
+                        if len(found) == len(keys):
+                            break
+        except Exception:  # a shard gone or damaged since extraction: those tiles show no picture
+            pass
+        return found
+
+    def _from_file(self, path: str) -> str:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rb") as f:
+                return self._encode(f.read())
+        except Exception:
+            return ""
+
+    def _encode(self, data: bytes) -> str:
+        from pipeline.image.decode import load_first_frame, upright
+        from pipeline.image.header import open_lazy
+
+        try:
+            im = upright(load_first_frame(open_lazy(data), self.size)).convert("RGB")
+            im.thumbnail((self.size, self.size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=75)
+        except Exception:
+            return ""
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _page_name(page: str, i: int) -> str:
+    stem, ext = posixpath.splitext(os.path.basename(page))
+    return f"{stem}{'' if i == 0 else f'-{i + 1}'}{ext or '.html'}"
+
+
+STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:18px}h2{font-size:15px;margin:1.2em 0 .4em}
+.row{display:flex;flex-wrap:wrap;gap:8px;padding:8px;background:#fff;border:1px solid #ddd;border-radius:6px}
+figure{margin:0;width:%(w)dpx}figure img,figure .none{width:%(w)dpx;height:%(w)dpx;object-fit:contain;background:#eee}
+figure .none{display:flex;align-items:center;justify-content:center;color:#888}
+figcaption{font-size:11px;overflow-wrap:anywhere;max-height:4.5em;overflow:hidden}
+.badge{font-weight:600}.query .badge,.representative .badge{color:#b50}nav{margin:1em 0}"""
+
+
+def _render(
+    heading: str,
+    items: list[Item],
+    thumbs: dict[int, str],
+    fs: FeatureSet | None,
+    names: list[str],
+    page: int,
+    size: int,
+) -> str:
+    e = lambda s: html.escape(str(s), quote=True)  # every text and attribute goes through it
+    keys = fs.keys if fs else None
+    nav = " · ".join(f"<b>{i + 1}</b>" if i == page else f'<a href="{e(n)}">{i + 1}</a>' for i, n in enumerate(names))
+    parts = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(heading)}</title>",
+        f"<style>{STYLE % {'w': size}}</style></head><body><h1>{e(heading)}</h1>",
+        f"<nav>page {nav}</nav>",
+    ]
+    for item in items:
+        parts.append(f"<h2>{e(item.title)}</h2><div class=row>")
+        for t in item.tiles:
+            key = f" · {keys[t.row]}" if keys else ""
+            img = (
+                f'<img src="{thumbs[t.row]}" alt="{e(t.caption)}" width={size} height={size}>'
+                if t.row in thumbs
+                else "<div class=none>no picture</div>"
+            )
+            cls = t.badge if t.badge in ("query", "representative") else "neighbour"
+            parts.append(
+                f'<figure class="{cls}" title="{e(t.caption)}">{img}<figcaption><span class=badge>'
+                f"{e(t.badge)}</span> {e(t.caption)} <small>(row {t.row}{e(key)})</small>"
+                "</figcaption></figure>"
+            )
+        parts.append("</div>")
+    parts.append(f"<nav>page {nav}</nav></body></html>\n")
+    return "".join(parts)
+
+
+def summary(pages: list[str]) -> str:
+    return f"{len(pages)} page{'s' if len(pages) != 1 else ''}: {pages[0]}" + (
+        f" … {os.path.basename(pages[-1])}" if len(pages) > 1 else ""
+    )
