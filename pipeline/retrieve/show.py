@@ -229,7 +229,7 @@ def _render(
             cls = t.badge if t.badge in ("query", "representative") else "neighbour"
             parts.append(
                 f'<figure class="{cls}" title="{e(t.caption)}">{img}<figcaption><span class=badge>'
-                f"{e(t.badge)}</span> {e(t.caption)} <small>(row {t.row}{e(key)})</small>"
+                f"{e(t.badge)}</span> {e(t.caption.rsplit('/', 1)[-1])} <small>(row {t.row}{e(key)})</small>"
                 "</figcaption></figure>"
             )
         parts.append("</div>")
