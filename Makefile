@@ -39,18 +39,26 @@ verify: install
 
 DEMO = data/demo
 
-# Offline: sample images (with deliberately broken files) → shards → features from a random-weight
-# ViT in featpipe's local hub. Exit status 3 from extract means "done, with recorded failures".
+# Offline: sample images (with deliberately broken files and planted near-duplicates) → shards →
+# features from a random-weight ViT in featpipe's local hub → neighbours, duplicate groups, a page.
+# Exit status 3 from extract means "done, with recorded failures".
 demo: install
-	$(BIN)/python tools/make_sample_images.py $(DEMO)/images --broken
+	$(BIN)/python tools/make_sample_images.py $(DEMO)/images --broken --duplicates
 	$(BIN)/featpipe pack $(DEMO)/images $(DEMO)/shards --shard-size 16 --overwrite --no-progress
 	$(BIN)/featpipe extract $(DEMO)/shards $(DEMO)/features --model-repo pipeline/hub --model-name vit_tiny_p14 \
 		--batch-size 16 --overwrite --no-progress; status=$$?; [ $$status -eq 0 ] || [ $$status -eq 3 ]
 	$(BIN)/featpipe verify $(DEMO)/features --shards $(DEMO)/shards
+	$(BIN)/featpipe match $(DEMO)/features $(DEMO)/matches -k 5 --overwrite --no-progress
+	$(BIN)/featpipe dedup $(DEMO)/features $(DEMO)/dedup --threshold 0.98 --overwrite --no-progress
+	$(BIN)/featpipe show $(DEMO)/matches $(DEMO)/matches.html --sample 20
+	$(BIN)/featpipe show $(DEMO)/dedup $(DEMO)/dedup.html
 	@echo
+	@$(BIN)/python tools/demo_report.py $(DEMO)/dedup
 	@echo "shards:   $(DEMO)/shards (manifest.json lists the files pack skipped, and why)"
 	@echo "features: $(DEMO)/features/fts.npy (float16), fts.pth (float32), img_list.json (row-aligned paths)"
 	@echo "failures: $(DEMO)/features/errors.jsonl; Parquet chunks for faiss/autofaiss: $(DEMO)/features/chunks/"
+	@echo "matches:  $(DEMO)/matches/matches.npy, scores.npy, neighbors.parquet; groups: $(DEMO)/dedup/groups.json"
+	@echo "pages:    $(DEMO)/matches.html, $(DEMO)/dedup.html (open in a browser, offline)"
 
 bench: install
 	$(BIN)/python tools/bench.py

@@ -117,6 +117,30 @@ def _png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+DUPLICATE_KINDS = ("copy", "reencoded", "resized", "cropped")
+
+
+def planted_duplicates() -> dict[str, bytes]:
+    """Near-duplicates of six photos, as a bucket collects them: a byte copy, a re-encode at lower
+    quality, a half-size copy and a light (90%) center crop of each, under near_dups/."""
+    files: dict[str, bytes] = {}
+    originals = valid_images()
+    for i in range(1, 7):
+        data = originals[f"photos/IMG_{i:04d}.jpg"]
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        dw, dh = w // 20, h // 20
+        variants = {
+            "copy": data,
+            "reencoded": jpeg_bytes(im, quality=60),
+            "resized": jpeg_bytes(im.resize((w // 2, h // 2), Image.Resampling.BICUBIC)),
+            "cropped": jpeg_bytes(im.crop((dw, dh, w - dw, h - dh))),
+        }
+        for kind in DUPLICATE_KINDS:
+            files[f"near_dups/IMG_{i:04d}_{kind}.jpg"] = variants[kind]
+    return files
+
+
 OTHER_FILES = {
     "README.txt": b"sample images for featpipe\n",
     "photos/.DS_Store": b"\0\0\0\1Bud1",
@@ -128,13 +152,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dest", type=Path)
     ap.add_argument("--broken", action="store_true", help="also write broken files under DEST/broken/")
+    ap.add_argument(
+        "--duplicates",
+        action="store_true",
+        help="also write planted near-duplicates of six photos under DEST/near_dups/",
+    )
     args = ap.parse_args()
-    files = {**valid_images(), **OTHER_FILES, **(broken_images() if args.broken else {})}
+    files = {
+        **valid_images(),
+        **OTHER_FILES,
+        **(broken_images() if args.broken else {}),
+        **(planted_duplicates() if args.duplicates else {}),
+    }
     for rel, data in files.items():
         _save(args.dest / rel, data)
     n_img = len(valid_images())
     print(
-        f"wrote {n_img} valid images{' + 4 broken' if args.broken else ''} and {len(OTHER_FILES)} other files "
+        f"wrote {n_img} valid images{' + 4 broken' if args.broken else ''}"
+        f"{' + 24 planted near-duplicates' if args.duplicates else ''} and {len(OTHER_FILES)} other files "
         f"to {args.dest}"
     )
 
