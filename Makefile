@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,s3,fast]'
+	$(BIN)/pip install -q -e '.[test,s3,fast,faiss]'
 
 test: install
 	$(BIN)/python -m pytest -q tests

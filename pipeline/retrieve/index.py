@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.errors import UserError, first_line
 from pipeline.outdir import load_run
-from pipeline.retrieve import ivf
+from pipeline.retrieve import ivf, load_faiss
 from pipeline.retrieve.features import FeatureSet, open_features
 from pipeline.retrieve.knn import Tiling, normalize, plan_tiles, valid_rows
 from pipeline.storage import commit_file, commit_json, ensure_writable, locate, read_json, staging_file
@@ -53,7 +53,7 @@ def choose_key(n: int, dim: int, budget: int) -> str:
 
 
 def build_index(cfg: IndexConfig) -> dict:
-    import faiss
+    faiss = load_faiss()
 
     fs = open_features(cfg.features)
     key = choose_key(fs.n, fs.dim, cfg.memory_budget) if cfg.index_key == "auto" else cfg.index_key
@@ -84,7 +84,7 @@ def build_index(cfg: IndexConfig) -> dict:
 
 
 def search_parameter(index) -> str | None:
-    import faiss
+    faiss = load_faiss()
 
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if isinstance(inner, faiss.IndexHNSW):
@@ -93,7 +93,7 @@ def search_parameter(index) -> str | None:
 
 
 def set_search_parameter(index, name: str | None, value: int | None) -> None:
-    import faiss
+    faiss = load_faiss()
 
     if name == "efSearch":
         faiss.downcast_index(index.index).hnsw.efSearch = value
@@ -125,13 +125,13 @@ def tune(index, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, k: int = 10) 
 
 
 def ivf_lists(index) -> int:
-    import faiss
+    faiss = load_faiss()
 
     return faiss.extract_index_ivf(index).nlist
 
 
 def _save(out, index, fs: FeatureSet, key: str, param: str | None, value: int | None, recall: float) -> None:
-    import faiss
+    faiss = load_faiss()
     import pyarrow as pa
     import pyarrow.parquet as pq
 

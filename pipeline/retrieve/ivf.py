@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.retrieve import load_faiss
 from pipeline.retrieve.features import FeatureSet
 from pipeline.retrieve.knn import ExactSearch, Tiling, normalize
 
@@ -47,7 +48,7 @@ def train_sample(valid_ids: np.ndarray, nlist: int) -> np.ndarray:
 
 
 def build(fs: FeatureSet, valid: np.ndarray, choice: IvfChoice, block: int):
-    import faiss
+    faiss = load_faiss()
 
     valid_ids = np.flatnonzero(valid)
     index = faiss.index_factory(fs.dim, choice.factory, faiss.METRIC_INNER_PRODUCT)

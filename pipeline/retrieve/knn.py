@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.retrieve import load_faiss
 from pipeline.retrieve.features import FeatureSet
 from pipeline.units import format_bytes
 
@@ -86,7 +87,7 @@ class ExactSearch:
         self, queries: np.ndarray, start: int, stop: int, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         if self.device == "cpu":
-            import faiss
+            faiss = load_faiss()
 
             db = normalize(self.fs.read(start, stop)[ids - start])
             s, i = faiss.knn(queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)

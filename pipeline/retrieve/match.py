@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import __version__, dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
-from pipeline.retrieve import ivf
+from pipeline.retrieve import ivf, load_faiss
 from pipeline.retrieve.features import FeatureSet, open_features
 from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, Tiling, finish_rows, normalize, plan_tiles, valid_rows
 from pipeline.storage import (
@@ -206,7 +206,7 @@ def _searcher(
     if method == "exact":
         exact = ExactSearch(fs, valid, tiling, device)
         return (lambda q: exact.candidates(q, count)), {}
-    import faiss
+    faiss = load_faiss()
 
     choice = ivf.choose(fs.n, fs.dim, cfg.memory_budget)
     path = out.join(INDEX_FILE)

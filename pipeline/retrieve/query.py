@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.errors import UserError, reason
 from pipeline.outdir import load_run
+from pipeline.retrieve import load_faiss
 from pipeline.retrieve.features import open_features
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE, set_search_parameter
 from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, finish_rows, normalize, plan_tiles, valid_rows
@@ -64,7 +65,7 @@ class Target:
 
     @cached_property
     def _index(self):
-        import faiss
+        faiss = load_faiss()
 
         index = faiss.read_index(os.path.join(self.spec, INDEX_FILE))
         set_search_parameter(index, self.meta["search_parameter"], self.meta["value"])
