@@ -62,14 +62,21 @@ def test_fast_crop_matches_exact_where_no_reduced_decode(rel):
         assert np.abs(exact - fast).mean() < 1.5, rel  # reduced-size decode: close, not identical
 
 
-def test_device_decode_on_cpu_matches_exact_closely():
+@pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
+def test_device_decode_on_cpu_matches_exact_closely(backend):
+    """Both decoders (torchcodec, installed by the test extra, and the torchvision fallback), with
+    no DeprecationWarning from featpipe's call."""
+    import warnings
+
     jpegs = {rel: d for rel, d in VALID.items() if device_decodable(d)[0]}
     assert "formats/cmyk.jpg" not in jpegs and "formats/exif_rotated.jpg" in jpegs and len(jpegs) > 15
     items = [
         DeviceJpeg(i, torch.frombuffer(bytearray(d), dtype=torch.uint8), device_decodable(d)[1])
         for i, d in enumerate(jpegs.values())
     ]
-    crops, failed = decode_on_device(items, torch.device("cpu"), DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        crops, failed = decode_on_device(items, torch.device("cpu"), DEVICE, backend)
     assert not failed and sorted(crops) == list(range(len(items)))
     for i, (rel, data) in enumerate(jpegs.items()):
         diff = np.abs(crops[i].numpy().astype(int) - crop_uint8(data, EXACT).numpy().astype(int))
@@ -92,7 +99,7 @@ def test_device_decode_records_an_exception_with_an_empty_message(monkeypatch):
 
     real = device.decode_jpeg
 
-    def flaky(data, **kwargs):
+    def flaky(data, **kwargs):  # the backend decoder, failing with an empty message on a short file
         if isinstance(data, list) or len(data) < 20000:
             raise RuntimeError()
         return real(data, **kwargs)

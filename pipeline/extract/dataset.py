@@ -69,6 +69,20 @@ class ShardStream(IterableDataset):
         yield _batch(shard, items, self.transform, report)
 
 
+class SampleStream(IterableDataset):
+    """One (uint8 crop (3, C, C), key, path) at a time: featpipe's read and decode path for a
+    user's own loop (the Python API's `dataset`). Shards split across DataLoader workers as in
+    ShardStream; undecodable samples are skipped."""
+
+    def __init__(self, shards: list[ShardRef], transform: TransformConfig, read: ReadConfig = ReadConfig()):
+        self.stream = ShardStream(shards, transform, 64, read)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str, str]]:
+        for batch in self.stream:
+            for i in range(len(batch)):
+                yield batch.images[i].contiguous(), batch.keys[i], batch.paths[i]
+
+
 @dataclass
 class _Item:
     raw: RawSample

@@ -120,6 +120,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     run = _make_run(cfg, precision_name, shards, dim)
     if device.type == "cpu" and cfg.device == "auto":
         log.warning("no CUDA device: running on the CPU")
+    _say_decoders(cfg.transform)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(model_threads())
     log.info(
@@ -162,6 +163,22 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     # Under torchrun a non-zero rank status would make the launcher restart the job; failures are
     # recorded in OUT and reported by the summary and `featpipe verify` instead.
     return ExtractResult(stats, EXIT_FAILURES if failed and not ctx.active else EXIT_OK)
+
+
+def _say_decoders(transform: TransformConfig) -> None:
+    """Once, in the log: a decoder missing from this install makes the run slower, not wrong."""
+    from pipeline.image.device import jpeg_backend
+    from pipeline.image.transform import simplejpeg
+
+    if transform.mode in ("fast", "device") and simplejpeg is None:
+        log.warning("simplejpeg is not installed: JPEGs take Pillow's slower path (pip install simplejpeg)")
+    if transform.mode == "device":
+        backend = jpeg_backend()
+        log.info(
+            "JPEGs decoded on the device by %s%s",
+            backend,
+            "" if backend == "torchcodec" else " (deprecated there; pip install 'featpipe[gpu]' for torchcodec)",
+        )
 
 
 def _make_run(cfg: ExtractConfig, precision: str, shards: list[ShardRef], dim: int) -> RunInfo:

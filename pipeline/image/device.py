@@ -1,4 +1,6 @@
-"""JPEG decoding on the model's device (nvJPEG through torchvision on CUDA).
+"""JPEG decoding on the model's device (nvJPEG on CUDA), through torchcodec when it is installed
+(the `gpu` extra; torchvision 0.29 deprecates its own image decoders in its favour), else through
+torchvision, whose deprecation warning featpipe then silences (it knows, and says so in the log).
 
 Workers send the compressed bytes of plain JPEGs instead of crops (a fraction of the bytes, and no
 decode work on the CPU); everything else (PNG, CMYK JPEG, …) is still decoded into a crop by the
@@ -8,14 +10,40 @@ center-cropped on the device with the same geometry as the CPU path.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import reason
 from pipeline.image.header import EXTRACT_MAX_PIXELS, sniff
 from pipeline.image.transform import TransformConfig, resize_crop_tensor
+
+log = logging.getLogger("featpipe")
+
+
+def jpeg_backend() -> str:
+    """torchcodec when importable, else torchvision."""
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except Exception:  # ImportError, or its native libraries failing to load
+        return "torchvision"
+    return "torchcodec"
+
+
+def decode_jpeg(data: torch.Tensor | list[torch.Tensor], device: torch.device, backend: str | None = None):
+    """One JPEG (1-D uint8 tensor of its bytes) or a batch → RGB (3, H, W) uint8 on `device`."""
+    if (backend or jpeg_backend()) == "torchcodec":
+        from torchcodec.decoders import decode_jpeg as codec_decode
+
+        return codec_decode(data, mode="RGB", device=device)
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as vision_decode
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        return vision_decode(data, mode=ImageReadMode.RGB, device=device)
 
 
 @dataclass
@@ -38,19 +66,19 @@ def device_decodable(data: bytes, max_pixels: int = EXTRACT_MAX_PIXELS) -> tuple
 
 
 def decode_on_device(
-    jpegs: list[DeviceJpeg], device: torch.device, cfg: TransformConfig
+    jpegs: list[DeviceJpeg], device: torch.device, cfg: TransformConfig, backend: str | None = None
 ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Crops (3, C, C) uint8 on `device` by slot, and the reason for each slot that failed."""
     if not jpegs:
         return {}, {}
     crops, failed = {}, {}
     try:
-        images = decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device)
+        images = decode_jpeg([j.data for j in jpegs], device=device, backend=backend)
     except Exception:  # one bad file fails the batched call: decode one by one to find it
         images = []
         for j in jpegs:
             try:
-                images.append(decode_jpeg(j.data, mode=ImageReadMode.RGB, device=device))
+                images.append(decode_jpeg(j.data, device=device, backend=backend))
             except Exception as exc:
                 images.append(None)
                 failed[j.slot] = f"decode failed on {device.type}: {reason(exc)}"

@@ -1,0 +1,182 @@
+"""featpipe from Python (notebooks, your own scripts): the same code the command line runs, with
+results returned and problems raised as exceptions (`featpipe.api.UserError`), never `sys.exit`.
+
+    from pipeline import api
+
+    api.pack("photos/", "shards/")
+    result = api.extract("shards/", "features/", model="dinov2_vits14")
+    features, paths = api.load_features("features/")
+    api.match("features/", "matches/", k=10)
+    groups = api.dedup("features/", "dedup/", threshold=0.95).groups
+    hits = api.query("features/", ["query.jpg"], k=5)
+    api.show("dedup/", "dedup.html")
+
+    for crop, key, path in api.dataset("shards/"):   # featpipe's decode path in your own loop
+        ...
+
+Progress bars use tqdm.auto (widgets in Jupyter); logging goes to the "featpipe" logger, which a
+library leaves to its caller to configure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+__all__ = [
+    "Extracted",
+    "UserError",
+    "dataset",
+    "dedup",
+    "extract",
+    "index",
+    "load_features",
+    "match",
+    "pack",
+    "query",
+    "show",
+]
+
+
+def pack(src: str, dest: str, **options: Any):
+    """Image folder or bucket → WebDataset shards + manifest (see `featpipe pack`); options are
+    PackConfig's fields (shard_size, max_shard_bytes, resize_max, quality, check, workers, …).
+    Returns the PackResult (its `manifest`, shards packed and skipped)."""
+    from pipeline.pack.packer import PackConfig, run_pack
+
+    return run_pack(PackConfig(src=src, dest=dest, **options))
+
+
+@dataclass
+class Extracted:
+    stats: dict  # stats.json's figures
+    exit_code: int  # 0 done, 3 done with recorded failures
+    files: dict[str, str] = field(default_factory=dict)  # fts.npy, fts.pth, img_list.json, errors.jsonl paths
+
+
+def extract(
+    shards: str,
+    out: str,
+    model: str = "dinov2_vits14",
+    repo: str = "facebookresearch/dinov2",
+    weights: str | None = None,
+    resize_size: int = 256,
+    crop_size: int = 224,
+    keep_ratio: bool = True,
+    decode: str = "fast",
+    **options: Any,
+) -> Extracted:
+    """Shards (or a plain image folder) → features in OUT (see `featpipe extract`); options are
+    ExtractConfig's fields (batch_size, workers, device, precision, overwrite, progress, …)."""
+    from pipeline.extract.model import ModelConfig
+    from pipeline.extract.run import ExtractConfig, run_extract
+    from pipeline.image.transform import TransformConfig
+
+    cfg = ExtractConfig(
+        shards=shards,
+        out=out,
+        model=ModelConfig(repo, model, weights),
+        transform=TransformConfig(resize_size, crop_size, keep_ratio, decode),
+        **options,
+    )
+    result = run_extract(cfg)
+    names = cfg.names
+    files = {n: os.path.join(out, n) for n in names.all()}
+    return Extracted(result.stats, result.exit_code, files)
+
+
+def load_features(out: str, dtype: str = "float16", mmap: bool = True) -> tuple[np.ndarray, list[str]]:
+    """(N×D features, N source paths) of an extract output: fts.npy memory-mapped (float16, read
+    once, as pages are touched), or with dtype="float32" fts.pth's exact values."""
+    from pipeline.outdir import OutputNames
+
+    names = OutputNames()
+    try:
+        with open(os.path.join(out, names.img_list), encoding="utf-8") as f:
+            paths = json.load(f)
+        if dtype == "float32":
+            import torch
+
+            feats = torch.load(
+                os.path.join(out, names.torch_features), map_location="cpu", weights_only=True, mmap=mmap
+            ).numpy()
+        else:
+            feats = np.load(os.path.join(out, names.numpy_features), mmap_mode="r" if mmap else None)
+    except FileNotFoundError as exc:
+        raise UserError(f"{out} has no consolidated features ({exc.filename}); run extract or consolidate") from None
+    if len(feats) != len(paths):
+        raise UserError(f"{out}: {len(feats)} feature rows but {len(paths)} paths")
+    return feats, paths
+
+
+def match(features: str, out: str, k: int = 10, **options: Any):
+    """All-vs-all kNN (see `featpipe match`); options are MatchConfig's fields. Returns MatchResult."""
+    from pipeline.retrieve.match import MatchConfig, run_match
+
+    return run_match(MatchConfig(features, out, k=k, **options))
+
+
+def dedup(features: str, out: str, threshold: float, k: int = 10, linkage: str = "star", **search: Any):
+    """Near-duplicate groups (see `featpipe dedup`). Returns DedupResult (`groups`, `report`, `histogram`)."""
+    from pipeline.retrieve.dedup import DedupConfig, run_dedup
+
+    return run_dedup(DedupConfig(features, out, threshold, k, linkage, search))
+
+
+def index(
+    features: str, out: str, index_key: str = "auto", memory_budget: int = 2 * 10**9, overwrite: bool = False
+) -> dict:
+    """A faiss index (see `featpipe index`); returns index.json's content."""
+    from pipeline.retrieve.index import IndexConfig, build_index
+
+    return build_index(IndexConfig(features, out, index_key, memory_budget, overwrite))
+
+
+def query(target: str, queries: list[str], k: int = 10, device: str = "cpu") -> list:
+    """Nearest rows to image files/URLs, keys, paths or .npy vectors (see `featpipe query`); a list of Hit."""
+    from pipeline.retrieve.query import run_query
+
+    return run_query(target, list(queries), k, device)
+
+
+def show(source: str, page: str, sample: int = 100, thumb: int = 128) -> list[str]:
+    """Static HTML pages of a match or dedup (see `featpipe show`); returns their paths."""
+    from pipeline.retrieve.show import run_show
+
+    return run_show(source, page, sample, thumb)
+
+
+def dataset(
+    shards: str,
+    resize_size: int = 256,
+    crop_size: int = 224,
+    keep_ratio: bool = True,
+    decode: str = "fast",
+    group_size: int = 1000,
+):
+    """A torch IterableDataset over shards (or a plain image folder) yielding (uint8 crop (3, C, C),
+    key, path): featpipe's decode path in your own DataLoader. Shards are split across DataLoader
+    workers and, under torchrun, across ranks; no sample is lost or repeated. Samples that cannot be
+    decoded are skipped (extract records them; this stream only logs nothing and moves on).
+
+        loader = DataLoader(api.dataset("shards/"), batch_size=64, num_workers=4)
+        for crops, keys, paths in loader:
+            x = (crops.float() / 255 - mean) / std
+    """
+    from pipeline.extract.inputs import resolve_shards
+    from pipeline.image.transform import TransformConfig
+
+    refs = resolve_shards(shards, group_size)
+    if decode == "device":
+        raise UserError("dataset() decodes in the workers: use decode='fast' or 'exact'")
+    from pipeline.dist import DistContext
+    from pipeline.extract.dataset import SampleStream
+
+    ctx = DistContext.from_env()
+    return SampleStream(refs[ctx.rank :: ctx.world], TransformConfig(resize_size, crop_size, keep_ratio, decode))
