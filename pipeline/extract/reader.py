@@ -18,6 +18,7 @@ from pipeline.errors import SampleError, first_line, reason
 from pipeline.extract.inputs import ShardRef
 from pipeline.image.header import IMAGE_EXTENSIONS
 from pipeline.shardformat import sample_key
+from pipeline.storage import open_stream
 
 log = logging.getLogger("featpipe")
 
@@ -80,7 +81,7 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
     while True:
         position = 0
         try:
-            with fsspec.open(shard.url, "rb") as stream:
+            with open_stream(shard.url) as stream:
                 for sample in _group(tar_file_iterator(stream)):
                     if position >= report.read:
                         report.read += 1

@@ -71,6 +71,7 @@ def decode_on_device(
     """Crops (3, C, C) uint8 on `device` by slot, and the reason for each slot that failed."""
     if not jpegs:
         return {}, {}
+    upright = (backend or jpeg_backend()) == "torchcodec"
     crops, failed = {}, {}
     try:
         images = decode_jpeg([j.data for j in jpegs], device=device, backend=backend)
@@ -84,7 +85,8 @@ def decode_on_device(
                 failed[j.slot] = f"decode failed on {device.type}: {reason(exc)}"
     for j, im in zip(jpegs, images, strict=False):
         if im is not None:
-            crops[j.slot] = resize_crop_tensor(_orient(im, j.rotation), cfg)
+            # torchcodec applies the EXIF orientation itself (and has no switch for it); torchvision does not
+            crops[j.slot] = resize_crop_tensor(im if upright else _orient(im, j.rotation), cfg)
     return crops, failed
 
 

@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.outdir import load_run
 from pipeline.retrieve.features import FeatureSet, open_features
 from pipeline.retrieve.knn import NO_MATCH
-from pipeline.storage import commit_bytes, ensure_writable, locate, read_json
+from pipeline.storage import commit_bytes, ensure_writable, locate, open_stream, read_json
 
 PER_PAGE = 25  # queries or groups per page: 25 × 11 thumbnails of 128 px are ~1 MB
 MAX_MEMBERS = 48  # thumbnails shown per duplicate group
@@ -145,14 +145,13 @@ class Thumbnails:
         return {r: uri for r, uri in out.items() if uri}
 
     def _from_tar(self, url: str, keys: dict[str, int]) -> dict[int, str]:
-        import fsspec
         from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
         from pipeline.image.header import IMAGE_EXTENSIONS
 
         found: dict[int, str] = {}
         try:
-            with fsspec.open(url, "rb") as stream:
+            with open_stream(url) as stream:
                 for member in tar_file_iterator(stream):
                     key, ext = base_plus_ext(member["fname"])
                     if key in keys and ext and ext.lower() in IMAGE_EXTENSIONS:
