@@ -136,3 +136,16 @@ def test_show_bad_input_is_one_line(extracted, tmp_path):
     np.save(copy / "fts.npy", np.zeros_like(np.load(copy / "fts.npy")))
     proc = run_cli("show", tmp_path / "m2", tmp_path / "p.html", check=False)
     assert proc.returncode == 1 and "changed since this match" in proc.stderr
+
+
+def test_no_deprecation_warning_along_the_demo_chain(extracted, tmp_path):
+    """Warnings as errors (workers inherit PYTHONWARNINGS): device decode, match, dedup, show."""
+    env = {"PYTHONWARNINGS": "error::DeprecationWarning"}
+    shards = extracted.parent / "shards"
+    proc = run_cli(
+        "extract", shards, tmp_path / "f", *MODEL, "--decode", "device", "--workers", "1", env=env, check=False
+    )
+    assert proc.returncode in (0, 3) and "DeprecationWarning" not in proc.stderr, proc.stderr[-2000:]
+    run_cli("match", tmp_path / "f", tmp_path / "m", "-k", "3", "--no-progress", env=env)
+    run_cli("dedup", tmp_path / "f", tmp_path / "d", "--threshold", "0.99", "--no-progress", env=env)
+    run_cli("show", tmp_path / "d", tmp_path / "p.html", env=env)
