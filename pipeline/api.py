@@ -1,5 +1,5 @@
 """featpipe from Python (notebooks, your own scripts): the same code the command line runs, with
-results returned and problems raised as exceptions (`featpipe.api.UserError`), never `sys.exit`.
+results returned and problems raised as exceptions (`pipeline.api.UserError`), never `sys.exit`.
 
     from pipeline import api
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -70,6 +71,21 @@ def torchrun(*args: str, env: dict | None = None, timeout: float = 300) -> subpr
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@contextlib.contextmanager
+def patched_env(env: dict):
+    """os.environ with `env` set, restored afterwards (for in-process clients of a test server)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,15 +108,9 @@ def s3_server():
         "AWS_ENDPOINT_URL_S3": endpoint,
         "FSSPEC_S3_ENDPOINT_URL": endpoint,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
+    with patched_env(env):
+        yield env
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture()
@@ -133,15 +143,9 @@ def gcs_server():
         "NO_GCE_CHECK": "true",
         "GOOGLE_CLOUD_PROJECT": "featpipe-test",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
+    with patched_env(env):
+        yield env
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture()

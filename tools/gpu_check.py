@@ -7,7 +7,9 @@
    batch 256, after warm-up;
 2. end to end over freshly packed shards of ImageNet-size JPEGs, with CPU decode (--decode fast)
    and with GPU decode (--decode device): the streaming phase's images/s from stats.json;
-3. each end-to-end figure ÷ model-only (target ≥ 0.8 with GPU decode on one H200-class GPU).
+3. each end-to-end figure ÷ model-only (target ≥ 0.8 with GPU decode on one H200-class GPU);
+4. `featpipe match --method exact` all-vs-all on --match-n (default 1M) × 384 synthetic vectors on
+   the GPU: seconds and queries/s (fp16 candidates, scores re-checked exactly).
 Needs no network. Prints a table and writes OUT/gpu_check.json.
 """
 
@@ -100,12 +102,58 @@ def extract(shards: Path, out: Path, decode: str, device: str, batch: int, worke
     return stats
 
 
+def match_all_vs_all(out: Path, n: int, device: str) -> dict:
+    """Exact all-vs-all kNN (k=10) of n × 384 clustered float16 vectors through `featpipe match`."""
+    import numpy as np
+    from numpy.lib.format import open_memmap
+
+    path = out / f"vectors-{n}.npy"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        centers = rng.standard_normal((max(8, n // 200), 384)).astype(np.float32)
+        x = open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 384))
+        for start in range(0, n, 65536):
+            stop = min(start + 65536, n)
+            x[start:stop] = centers[rng.integers(0, len(centers), stop - start)] + 0.6 * rng.standard_normal(
+                (stop - start, 384), dtype=np.float32
+            )
+        x.flush()
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "match",
+            str(path),
+            str(out / "match"),
+            "--method",
+            "exact",
+            "--device",
+            device,
+            "--memory-budget",
+            "16GB",
+            "--overwrite",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        return {"n": n, "error": proc.stderr[-2000:]}
+    seconds = time.perf_counter() - t0
+    report = json.loads((out / "match" / "match.json").read_text())
+    return {"n": n, "seconds": round(seconds, 1), "queries_per_s": round(n / seconds), "timings": report["timings"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "featpipe-gpu-check")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--match-n", type=int, default=1_000_000, help="vectors for the all-vs-all row (0: skip)")
     ap.add_argument("--workers", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)))
     args = ap.parse_args()
     import torch
@@ -153,12 +201,17 @@ def main() -> None:
             "precision": stats["precision"],
             "ratio_to_model_only": round(rate / result["model_only_images_per_s"], 3),
         }
+    if args.match_n:
+        result["match_exact"] = match_all_vs_all(args.out, args.match_n, args.device)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(f"\nmodel only: {result['model_only_images_per_s']} img/s on {result['device']}")
     for decode in ("fast", "device"):
         r = result[f"extract_{decode}"]
         print(f"end to end, --decode {decode:6s}: {r['images_per_s']} img/s = {r['ratio_to_model_only']} × model only")
+    if "match_exact" in result:
+        m = result["match_exact"]
+        print(f"match all-vs-all, exact, {m['n']} × 384: {m['seconds']} s = {m['queries_per_s']} queries/s")
 
 
 if __name__ == "__main__":
