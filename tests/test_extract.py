@@ -288,9 +288,21 @@ def test_s3_shards_and_output(sample_dir, extracted, s3, s3_server, tmp_path):
     ref_out, _ = extracted
     fs, bucket = s3
     run_cli("pack", sample_dir, f"s3://{bucket}/shards", "--shard-size", "4", env=s3_server)
-    run_cli(
-        "extract", f"s3://{bucket}/shards", f"s3://{bucket}/out", *MODEL, "--workers", "2", env=s3_server, check=False
+    proc = run_cli(
+        "extract",
+        f"s3://{bucket}/shards",
+        f"s3://{bucket}/out",
+        *MODEL,
+        "--workers",
+        "2",
+        "--no-progress",
+        env=s3_server,
+        check=False,
     )
+    # featpipe's log says featpipe's things: no botocore/s3fs INFO lines under its name without -v
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] and all(
+        ln.startswith("featpipe: ") and "credentials" not in ln for ln in proc.stderr.splitlines() if ln.strip()
+    ), proc.stderr
     assert fs.cat(f"{bucket}/out/fts.npy") == (ref_out / "fts.npy").read_bytes()
     assert len(fs.glob(f"{bucket}/out/chunks/*.parquet")) == len(list((ref_out / "chunks").glob("*.parquet")))
     local = tmp_path / "from-s3"

@@ -96,12 +96,49 @@ def recall(ours: Path, exact: Path) -> float:
     return float(np.mean([len(np.intersect1d(a, b)) / len(b) for a, b in zip(m, e, strict=True)]))
 
 
+def dedup_row(work: Path, n: int) -> dict:
+    """Planted near-duplicate pairs (cosine ≈ 0.999) among n random 256-dim vectors."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, 256)).astype(np.float32)
+    src = rng.choice(n // 2, n // 100, replace=False)
+    x[src + n // 2] = x[src] + 0.05 * rng.standard_normal((len(src), 256)).astype(np.float32)
+    np.save(work / "dedup.npy", x.astype(np.float16))
+    seconds, rss = timed(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "dedup",
+            str(work / "dedup.npy"),
+            str(work / "dedup"),
+            "--threshold",
+            "0.95",
+            "--memory-budget",
+            "512MB",
+            "--overwrite",
+            "--no-progress",
+        ]
+    )
+    groups = json.loads((work / "dedup" / "groups.json").read_text())
+    together = {frozenset(g["members"]) for g in groups}
+    grouped = sum(frozenset((int(a), int(a) + n // 2)) in together for a in src) / len(src)
+    return {
+        "n": n,
+        "pairs_grouped": round(grouped, 4),
+        "groups": len(groups),
+        "lowest_member_score": min(min(g["scores"]) for g in groups),
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(rss),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--ivf-n", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dedup-n", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "match")
     args = ap.parse_args()
     work = args.out
@@ -142,6 +179,8 @@ def main() -> None:
     mem[f"{args.ivf_n}"]["original_peak_rss_mb"] = round(original(big, work / "orig-big")[1])
     r["memory"] = mem
     print(json.dumps(r["memory"]), flush=True)
+    r["dedup"] = dedup_row(work, args.dedup_n)
+    print(json.dumps(r["dedup"]), flush=True)
     (work / "bench_match.json").write_text(json.dumps(r, indent=1))
     print(f"\nfeatpipe match benchmark — {r['machine']}")
     e = r["exact"]
@@ -153,6 +192,12 @@ def main() -> None:
     print(
         f"ivf {i['n']}×{args.dim}: {i['speedup']}× faster than exact ({i['ivf_s']} s vs {i['exact_s']} s), "
         f"recall@10 {i['recall_at_10']} (estimated {i['estimated_recall']}), {i['index']} nprobe {i['nprobe']}"
+    )
+    d = r["dedup"]
+    print(
+        f"dedup {d['n']}×256, 1% planted near-duplicates, star at cosine ≥ 0.95, --memory-budget 512MB: "
+        f"{d['pairs_grouped']:.2%} of planted pairs grouped, lowest member score {d['lowest_member_score']}, "
+        f"{d['seconds']} s, peak RSS {d['peak_rss_mb']} MB"
     )
     for name, m in mem.items():
         orig = f", original {m['original_peak_rss_mb']} MB" if "original_peak_rss_mb" in m else ""
