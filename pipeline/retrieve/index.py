@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import __version__
-from pipeline.errors import UserError, first_line
+from pipeline.errors import UserError
 from pipeline.outdir import load_run
-from pipeline.retrieve import ivf, load_faiss
+from pipeline.retrieve import ann, load_faiss
 from pipeline.retrieve.features import FeatureSet, open_features
-from pipeline.retrieve.knn import Tiling, normalize, plan_tiles, valid_rows
+from pipeline.retrieve.knn import plan_tiles, valid_rows
 from pipeline.storage import commit_file, commit_json, ensure_writable, locate, read_json, staging_file
 
 log = logging.getLogger("featpipe")
@@ -49,85 +49,26 @@ def choose_key(n: int, dim: int, budget: int) -> str:
     vectors = n * dim * 4
     if n <= HNSW_UP_TO and vectors + n * HNSW_M * 2 * 4 <= budget // 2:
         return f"HNSW{HNSW_M},Flat"
-    return ivf.choose(n, dim, budget).factory
+    return ann.choose(n, dim, budget).factory
 
 
 def build_index(cfg: IndexConfig) -> dict:
-    faiss = load_faiss()
-
     fs = open_features(cfg.features)
     key = choose_key(fs.n, fs.dim, cfg.memory_budget) if cfg.index_key == "auto" else cfg.index_key
     tiling = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget)
     out = locate(cfg.index)
     if out.fs.exists(out.join(META_FILE)) and not cfg.overwrite:
         raise UserError(f"{out.url()} already holds an index; use --overwrite to replace it, or another INDEX")
-    try:
-        index = faiss.index_factory(fs.dim, key, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise UserError(f"--index-key {key!r} is not a faiss index description: {first_line(exc)}") from None
     ensure_writable(out)
     valid = valid_rows(fs, tiling.db_rows)
-    valid_ids = np.flatnonzero(valid)
-    if not index.is_trained:
-        nlist = faiss.extract_index_ivf(index).nlist if "IVF" in key else 256
-        index.train(normalize(fs.take(ivf.train_sample(valid_ids, nlist))))
-    if "IVF" not in key:
-        index = faiss.IndexIDMap2(index)
-    for start in range(0, fs.n, tiling.db_rows):
-        stop = min(start + tiling.db_rows, fs.n)
-        ids = np.flatnonzero(valid[start:stop]) + start
-        if len(ids):
-            index.add_with_ids(normalize(fs.read(start, stop)[ids - start]), ids.astype(np.int64))
-    param, value, recall = tune(index, fs, valid, tiling)
+    try:
+        index = ann.build(fs, valid, key, tiling.db_rows)
+    except UserError as exc:
+        raise UserError(f"--index-key {exc}") from None
+    param, value, recall = ann.tune(index, fs, valid, tiling, 10)
+    log.info("index tuned: %s %s, recall@10 %.3f", param or "exact", value or "", recall)
     _save(out, index, fs, key, param, value, recall)
     return read_json(out.fs, out.join(META_FILE))
-
-
-def search_parameter(index) -> str | None:
-    faiss = load_faiss()
-
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if isinstance(inner, faiss.IndexHNSW):
-        return "efSearch"
-    return "nprobe" if "IVF" in type(inner).__name__ else None
-
-
-def set_search_parameter(index, name: str | None, value: int | None) -> None:
-    faiss = load_faiss()
-
-    if name == "efSearch":
-        faiss.downcast_index(index.index).hnsw.efSearch = value
-    elif name == "nprobe":
-        faiss.extract_index_ivf(index).nprobe = value
-
-
-def tune(index, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, k: int = 10) -> tuple[str | None, int | None, float]:
-    """The smallest efSearch / nprobe (doubling) that reaches recall@k ≥ 0.95 on sampled queries."""
-    from pipeline.retrieve.knn import ExactSearch
-
-    name = search_parameter(index)
-    valid_ids = np.flatnonzero(valid)
-    rng = np.random.default_rng(ivf.SEED + 2)
-    sample = np.sort(rng.choice(valid_ids, min(ivf.TUNE_QUERIES, len(valid_ids)), replace=False))
-    queries = normalize(fs.take(sample))
-    k = min(k, len(valid_ids))
-    truth = ExactSearch(fs, valid, tiling).candidates(queries, k)
-    value, limit = (16, 4096) if name == "efSearch" else (1, 1 << 16)
-    if name == "nprobe":
-        limit = ivf_lists(index)
-    while True:
-        set_search_parameter(index, name, value)
-        recall = ivf.recall_at(index.search(queries, k)[1], truth)
-        if name is None or recall >= ivf.RECALL_TARGET or value >= limit:
-            log.info("index tuned: %s %s, recall@%d %.3f", name or "exact", value if name else "", k, recall)
-            return name, (value if name else None), recall
-        value = min(value * 2, limit)
-
-
-def ivf_lists(index) -> int:
-    faiss = load_faiss()
-
-    return faiss.extract_index_ivf(index).nlist
 
 
 def _save(out, index, fs: FeatureSet, key: str, param: str | None, value: int | None, recall: float) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import __version__, dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
-from pipeline.retrieve import ivf, load_faiss
+from pipeline.retrieve import ann, load_faiss
 from pipeline.retrieve.features import FeatureSet, open_features
 from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, Tiling, finish_rows, normalize, plan_tiles, valid_rows
 from pipeline.storage import (
@@ -208,13 +208,12 @@ def _searcher(
         return (lambda q: exact.candidates(q, count)), {}
     faiss = load_faiss()
 
-    choice = ivf.choose(fs.n, fs.dim, cfg.memory_budget)
+    choice = ann.choose(fs.n, fs.dim, cfg.memory_budget)
     path = out.join(INDEX_FILE)
     t = time.perf_counter()
     if ctx.is_main:  # one index for every rank: built once, read by the others
-        index = ivf.build(fs, valid, choice, tiling.db_rows)
-        nprobe, recall = ivf.tune(index, fs, valid, tiling, cfg.k)
-        index.nprobe = nprobe
+        index = ann.build(fs, valid, choice.factory, tiling.db_rows)
+        _, nprobe, recall = ann.tune(index, fs, valid, tiling, cfg.k)
         commit_bytes(out.fs, path, faiss.serialize_index(index).tobytes())
         commit_json(out.fs, out.join(INDEX_FILE + ".json"), {"nprobe": nprobe, "recall": recall})
     dist.barrier(ctx)
@@ -230,7 +229,7 @@ def _searcher(
         "nlist": choice.nlist,
         "nprobe": nprobe,
         "estimated_recall_at_k": round(recall, 4),
-        "recall_sample": min(ivf.TUNE_QUERIES, int(valid.sum())),
+        "recall_sample": min(ann.TUNE_QUERIES, int(valid.sum())),
     }
     log.info("IVF index %s, nprobe %d: estimated recall@%d %.3f", choice.factory, nprobe, cfg.k, recall)
     return (lambda q: index.search(q, count)[1]), extra

@@ -14,8 +14,9 @@ import numpy as np
 from pipeline.errors import UserError, reason
 from pipeline.outdir import load_run
 from pipeline.retrieve import load_faiss
+from pipeline.retrieve.ann import set_search_parameter
 from pipeline.retrieve.features import open_features
-from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE, set_search_parameter
+from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, finish_rows, normalize, plan_tiles, valid_rows
 from pipeline.storage import locate, read_json
 

@@ -1,0 +1,122 @@
+"""Approximate nearest-neighbour indexes (faiss IVF, HNSW, …), one way for `match` and `index`:
+choose an IVF layout from N and the memory budget, build any index from FEATURES a block at a time,
+and tune its search parameter (nprobe or efSearch) on sampled queries against exact results until
+recall@k reaches the target."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import UserError, first_line
+from pipeline.retrieve import load_faiss
+from pipeline.retrieve.features import FeatureSet
+from pipeline.retrieve.knn import ExactSearch, Tiling, normalize
+
+log = logging.getLogger("featpipe")
+
+RECALL_TARGET = 0.95
+TUNE_QUERIES = 1000
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class IvfChoice:
+    nlist: int
+    code: str  # "Flat", or "SQ8" when full vectors would not fit the memory budget
+
+    @property
+    def factory(self) -> str:
+        return f"IVF{self.nlist},{self.code}"
+
+
+def choose(n: int, dim: int, budget: int) -> IvfChoice:
+    """nlist ≈ √N as a power of two, with at least 39 training points per list (faiss's minimum);
+    full vectors (Flat) when they take under half the budget, 8-bit scalar codes (4× smaller) else.
+    (autofaiss takes 4·√N to 16·√N lists for GPU-sized jobs; on CPUs the k-means training then
+    dominates: 800k × 384 with 4096 lists is minutes on 2 cores, with 1024 about ten seconds.)"""
+    nlist = 1 << max(4, round(np.log2(np.sqrt(max(n, 1)))))
+    nlist = max(1, min(nlist, n // 39, 65536))
+    return IvfChoice(nlist, "Flat" if n * dim * 4 <= budget // 2 else "SQ8")
+
+
+def train_sample(valid_ids: np.ndarray, nlist: int) -> np.ndarray:
+    """Rows to train the coarse quantiser on: a fixed-seed sample, sorted (faiss wants 39–256 per
+    list; 64 keeps the training a small part of the run)."""
+    size = min(len(valid_ids), 64 * nlist)
+    rng = np.random.default_rng(SEED)
+    return np.sort(rng.choice(valid_ids, size, replace=False))
+
+
+def build(fs: FeatureSet, valid: np.ndarray, key: str, block: int):
+    """A faiss index of the valid rows, ids = row numbers: trained on a fixed-seed sample when the
+    layout needs training, filled a block at a time. Raises UserError for a bad description."""
+    faiss = load_faiss()
+    try:
+        index = faiss.index_factory(fs.dim, key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise UserError(f"{key!r} is not a faiss index description: {first_line(exc)}") from None
+    ivf = faiss.extract_index_ivf(index) if "IVF" in key else None
+    if ivf is not None:
+        ivf.cp.seed = SEED
+    if not index.is_trained:
+        index.train(normalize(fs.take(train_sample(np.flatnonzero(valid), ivf.nlist if ivf else 256))))
+    if ivf is None:  # only IVF indexes keep ids of their own
+        index = faiss.IndexIDMap2(index)
+    for start in range(0, fs.n, block):
+        stop = min(start + block, fs.n)
+        ids = np.flatnonzero(valid[start:stop]) + start
+        if len(ids):
+            index.add_with_ids(normalize(fs.read(start, stop)[ids - start]), ids.astype(np.int64))
+    return index
+
+
+def search_parameter(index) -> str | None:
+    faiss = load_faiss()
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch"
+    return "nprobe" if "IVF" in type(inner).__name__ else None
+
+
+def set_search_parameter(index, name: str | None, value: int | None) -> None:
+    faiss = load_faiss()
+    if name == "efSearch":
+        faiss.downcast_index(index.index).hnsw.efSearch = value
+    elif name == "nprobe":
+        faiss.extract_index_ivf(index).nprobe = value
+
+
+def tune(index, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, k: int) -> tuple[str | None, int | None, float]:
+    """The smallest efSearch / nprobe (doubling) whose recall@k on sampled queries, against exact
+    search, reaches the target; returns (parameter, value, recall measured), parameter None for an
+    exact index. The index is left set to that value."""
+    name = search_parameter(index)
+    valid_ids = np.flatnonzero(valid)
+    rng = np.random.default_rng(SEED + 1)
+    sample = np.sort(rng.choice(valid_ids, min(TUNE_QUERIES, len(valid_ids)), replace=False))
+    queries = normalize(fs.take(sample))
+    k = min(k, len(valid_ids))
+    truth = ExactSearch(fs, valid, tiling).candidates(queries, k)
+    value, limit = (16, 4096) if name == "efSearch" else (1, 1)
+    if name == "nprobe":
+        limit = load_faiss().extract_index_ivf(index).nlist
+    while True:
+        set_search_parameter(index, name, value)
+        recall = recall_at(index.search(queries, k)[1], truth)
+        log.debug("%s %s: recall@%d %.4f", name or "exact", value, k, recall)
+        if name is None or recall >= RECALL_TARGET or value >= limit:
+            return name, (value if name else None), recall
+        value = min(value * 2, limit)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """The share of the true neighbours (ignoring empty slots) that were found."""
+    hits = total = 0
+    for f, t in zip(found, truth, strict=True):
+        t = t[t >= 0]
+        hits += len(np.intersect1d(f, t))
+        total += len(t)
+    return hits / total if total else 1.0
