@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
+
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +33,26 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int) -> str:
+    """--device as a torch device string: auto is this rank's GPU (cuda:LOCAL_RANK) when CUDA is
+    there, else the CPU; asking for CUDA without it is an error, never a silent CPU run. Without an
+    NVIDIA driver, auto and cpu do not load torch (1–2 s of a CPU match's start-up)."""
+    if requested == "cpu" or (requested == "auto" and not os.path.exists("/dev/nvidiactl")):
+        return "cpu"
+    if requested != "auto" and requested != "cuda" and not re.fullmatch(r"cuda:\d+", requested):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        if requested == "auto":
+            return "cpu"
+        raise UserError(
+            f"--device {requested} but CUDA is not available here "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu to run on the CPU"
+        )
+    return f"cuda:{local_rank}" if requested in ("auto", "cuda") else requested
 
 
 def init(ctx: DistContext, device: torch.device, timeout_s: float) -> None:

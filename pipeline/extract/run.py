@@ -72,21 +72,6 @@ class ExtractResult:
     exit_code: int
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {requested} but CUDA is not available here "
-                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu to run on the CPU"
-            )
-        return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
-    if requested == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
-
-
 def pick_precision(requested: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain float32."""
     if requested == "auto":
@@ -108,7 +93,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     t_start = time.perf_counter()
     validate(cfg)
     ctx = dist.DistContext.from_env()
-    device = pick_device(cfg.device, ctx.local_rank)
+    device = torch.device(dist.pick_device(cfg.device, ctx.local_rank))
     amp = pick_precision(cfg.precision, device)
     check_model(cfg.model)
     shards = resolve_shards(cfg.shards, cfg.group_size)

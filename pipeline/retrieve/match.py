@@ -82,7 +82,7 @@ def run_match(cfg: MatchConfig) -> MatchResult:
     fs = open_features(cfg.features)
     _validate(cfg, fs)
     ctx = dist.DistContext.from_env()
-    device = _pick_device(cfg.device, ctx.local_rank)
+    device = dist.pick_device(cfg.device, ctx.local_rank)
     method = _pick_method(cfg.method, fs, device)
     tiling = plan_tiles(fs.n, fs.dim, cfg.k + 1, cfg.memory_budget)
     out = locate(cfg.out)
@@ -135,22 +135,6 @@ def _validate(cfg: MatchConfig, fs: FeatureSet) -> None:
             f"-k {cfg.k} but {cfg.features} holds {fs.n} vectors"
             f"{' (the query itself excluded)' if cfg.exclude_self else ''}: k must be 1 to {usable}"
         )
-
-
-def _pick_device(requested: str, local_rank: int) -> str:
-    if requested == "auto" and not os.path.exists("/dev/nvidiactl"):
-        return "cpu"  # no NVIDIA driver: no need to load torch (1–2 s of a CPU match's start-up)
-    import torch
-
-    if requested == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {requested} but CUDA is not available here; use --device cpu")
-    if requested == "cuda":
-        return f"cuda:{local_rank}"
-    if requested == "cpu" or requested.startswith("cuda:"):
-        return requested
-    raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
 
 
 def _pick_method(requested: str, fs: FeatureSet, device: str) -> str:

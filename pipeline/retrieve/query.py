@@ -143,6 +143,7 @@ class Embedder:
             )
         import torch
 
+        from pipeline.dist import pick_device
         from pipeline.extract.model import ModelConfig, load_model
         from pipeline.extract.runner import ModelRunner
         from pipeline.image.transform import TransformConfig
@@ -151,9 +152,7 @@ class Embedder:
         t = dict(meta["transform"])
         t["mode"] = "fast" if t.get("mode") == "device" else t.get("mode", "fast")
         self.transform = TransformConfig(**t)
-        self.device = torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-        )
+        self.device = torch.device(pick_device(device, 0))
         model = load_model(ModelConfig(m["repo"], m["name"], m["weights"])).to(self.device)
         self.run = ModelRunner(model, self.device, None, 1)
 
