@@ -67,8 +67,10 @@ def locate(url: str, **storage_options: Any) -> Location:
     return Location(fs, path.rstrip("/") or "/")
 
 
-def ensure_writable(loc: Location) -> None:
-    """Create the folder and prove we can write there, before any real output exists."""
+def ensure_writable(loc: Location, create_bucket: bool = False) -> None:
+    """Create the folder and prove we can write there, before any real output exists. A bucket
+    that does not exist is a typo unless `create_bucket` (--create-bucket) says otherwise."""
+    check_bucket(loc, create_bucket)
     probe = loc.join(f".featpipe-write-test-{uuid.uuid4().hex}")
     created = loc.is_local and not os.path.isdir(loc.path)
     try:

@@ -40,7 +40,7 @@ from pipeline.outdir import (
     finished,
     write_run,
 )
-from pipeline.storage import Location, check_bucket, commit_json, ensure_writable, locate, remove_stale_temps
+from pipeline.storage import Location, commit_json, ensure_writable, locate, remove_stale_temps
 
 log = logging.getLogger("featpipe")
 
@@ -98,8 +98,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     check_model(cfg.model)
     shards = resolve_shards(cfg.shards, cfg.group_size)
     out = locate(cfg.out)
-    check_bucket(out, cfg.create_bucket)
-    ensure_writable(out)
+    ensure_writable(out, cfg.create_bucket)
     model, dim, channels_last = _prepare_model(cfg, device, amp)
     precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     run = _make_run(cfg, precision_name, shards, dim)

@@ -32,7 +32,6 @@ from pipeline.listing import Listing, SourceFile, list_images
 from pipeline.shardformat import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
 from pipeline.storage import (
     Location,
-    check_bucket,
     commit_file,
     commit_json,
     ensure_writable,
@@ -122,8 +121,7 @@ def run_pack(cfg: PackConfig) -> PackResult:
     src = locate(cfg.src)
     inside = dest.path if type(dest.fs) is type(src.fs) and dest.path.startswith(src.path.rstrip("/") + "/") else None
     listing = list_images(cfg.src, exclude=inside)  # DEST inside SRC: its own shards are not source files
-    check_bucket(dest, cfg.create_bucket)
-    ensure_writable(dest)
+    ensure_writable(dest, cfg.create_bucket)
     remove_stale_temps(dest, COMMITS_DIR)
     if cfg.overwrite:
         _clear(dest)

@@ -25,7 +25,6 @@ from pipeline.retrieve.features import FeatureSet, open_features
 from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, Tiling, finish_rows, normalize, plan_tiles, valid_rows
 from pipeline.storage import (
     Location,
-    check_bucket,
     commit_bytes,
     commit_file,
     commit_json,
@@ -86,8 +85,7 @@ def run_match(cfg: MatchConfig) -> MatchResult:
     method = _pick_method(cfg.method, fs, device)
     tiling = plan_tiles(fs.n, fs.dim, cfg.k + 1, cfg.memory_budget)
     out = locate(cfg.out)
-    check_bucket(out, cfg.create_bucket)
-    ensure_writable(out)
+    ensure_writable(out, cfg.create_bucket)
     plan = {
         "features": fs.fingerprint,
         "n": fs.n,
