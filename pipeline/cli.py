@@ -59,9 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pack", help="image folder or bucket → WebDataset tar shards + manifest")
-    p.add_argument("src", help="folder or fsspec URL (s3://bucket/prefix, gs://…, file://, memory://)")
-    p.add_argument("dest", help="folder or fsspec URL for shard-NNNNNN.tar and manifest.json")
+    p = sub.add_parser("pack", help="image folder, bucket or list of images → WebDataset tar shards + manifest")
+    p.add_argument(
+        "src",
+        help="folder or fsspec URL (s3://bucket/prefix, gs://…, file://, memory://), or a list of images: "
+        "a text file of paths or URLs (one a line), or a .csv/.tsv/.parquet with a path column (.gz allowed)",
+    )
+    p.add_argument(
+        "dest", help="folder or fsspec URL for shard-NNNNNN.tar, manifest.json and listing.parquet (the plan)"
+    )
+    p.add_argument(
+        "--root", help="a list's relative entries are under this folder or URL; recorded paths relative to it"
+    )
+    p.add_argument("--path-column", default="path", help="a CSV/Parquet list's column of paths or URLs (default path)")
+    p.add_argument(
+        "--size-column",
+        default="size",
+        help="a CSV/Parquet list's column of byte sizes, used when there (default size); sizes it lacks are looked up",
+    )
+    p.add_argument(
+        "--relist",
+        action="store_true",
+        help="list SRC again instead of planning from DEST/listing.parquet (files added since are packed; "
+        "shards packed from other files are refused)",
+    )
     p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
     p.add_argument(
         "--max-shard-bytes",
@@ -91,6 +112,13 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards in DEST and start over")
     p.add_argument("--create-bucket", action="store_true", help="create DEST's bucket if it does not exist")
+    p.add_argument(
+        "--barrier-timeout",
+        type=_positive,
+        default=6 * 3600,
+        metavar="SECONDS",
+        help="under torchrun: how long ranks wait for rank 0's listing, and rank 0 for the slowest rank",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_pack)
 
@@ -345,10 +373,16 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         create_bucket=args.create_bucket,
+        root=args.root,
+        path_column=args.path_column,
+        size_column=args.size_column,
+        relist=args.relist,
+        barrier_timeout_s=args.barrier_timeout,
     )
     t0 = time.perf_counter()
     result = run_pack(cfg)
-    print(summary(result, time.perf_counter() - t0))
+    if result.manifest is not None:  # under torchrun, rank 0 speaks for the job
+        print(summary(result, time.perf_counter() - t0))
     return EXIT_OK
 
 

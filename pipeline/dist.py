@@ -1,17 +1,21 @@
-"""torchrun integration: who am I, which device is mine, and the one barrier before consolidation."""
+"""torchrun integration: who am I, which device is mine, the barriers, and the few objects ranks
+share (rank 0's plan or its one-line error, each rank's stats)."""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,16 +59,18 @@ def pick_device(requested: str, local_rank: int) -> str:
     return f"cuda:{local_rank}" if requested in ("auto", "cuda") else requested
 
 
-def init(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
-    """nccl on CUDA, gloo on CPU. The timeout bounds the final barrier, where fast ranks wait for
-    the slowest: it must cover a whole rank's share of the job, hence hours, not the defaults."""
+def init(ctx: DistContext, device: torch.device | str, timeout_s: float) -> None:
+    """nccl on CUDA, gloo on CPU ("cpu" for a job with no device, like pack). The timeout bounds
+    the final barrier, where fast ranks wait for the slowest: it must cover a whole rank's share of
+    the job, hence hours, not the defaults."""
     if not ctx.active:
         return
     import torch.distributed as tdist  # here, not at the top: a single process need not load torch
 
     if not tdist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        on_cuda = not isinstance(device, str) and device.type == "cuda"
+        backend = "nccl" if on_cuda else "gloo"
+        kwargs = {"device_id": device} if on_cuda else {}
         timeout = timedelta(seconds=timeout_s)
         store, _, _ = next(tdist.rendezvous("env://", ctx.rank, ctx.world, timeout=timeout))
         # torchrun keeps one store across --max-restarts; without a fresh prefix per attempt the
@@ -81,6 +87,43 @@ def barrier(ctx: DistContext) -> None:
 
     if tdist.is_initialized():
         tdist.barrier()
+
+
+def from_main(ctx: DistContext, fn: Callable[[], T], share: Callable[[T], Any] = lambda r: r) -> Any:
+    """fn() on rank 0 while the others wait; rank 0 gets its result, the others `share(result)`.
+    A UserError there is raised on every rank with the same line, so no rank waits for a plan
+    that will never come."""
+    if not ctx.active:
+        return fn()
+    import torch.distributed as tdist
+
+    box: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            box[0] = ("error", str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {first_line(exc)}")
+            tdist.broadcast_object_list(box, src=0)
+            raise
+        box[0] = ("ok", share(result))
+        tdist.broadcast_object_list(box, src=0)
+        return result
+    tdist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise UserError(value)
+    return value
+
+
+def gather(ctx: DistContext, obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on rank 0 (the others get an empty list); a barrier too."""
+    if not ctx.active:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list[Any] | None = [None] * ctx.world if ctx.is_main else None
+    tdist.gather_object(obj, out, dst=0)
+    return out or []
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -12,9 +13,9 @@ from pipeline.errors import SampleError, UserError, reason
 from pipeline.extract.consolidate import consolidate
 from pipeline.extract.inputs import resolve_shards
 from pipeline.extract.verify import verify
-from pipeline.listing import SourceFile
 from pipeline.outdir import DoneRecord, OutputNames, RunInfo, ShardEntry, check_compatible, write_done, write_run
-from pipeline.pack.packer import PackConfig, plan
+from pipeline.pack.inventory import Identity, Inventory, sort_unique
+from pipeline.pack.packer import PackConfig, fingerprint, plan
 from pipeline.storage import locate
 from pipeline.units import format_bytes, parse_bytes
 
@@ -43,29 +44,53 @@ def test_reason_is_one_line_even_for_an_empty_message():
     assert reason(ValueError("first\nsecond")) == "ValueError: first"
 
 
-def _files(sizes: list[int]) -> list[SourceFile]:
-    return [SourceFile(f"{i:03d}.jpg", f"/src/{i:03d}.jpg", f"/src/{i:03d}.jpg", s) for i, s in enumerate(sizes)]
+def _inventory(sizes: list[int]) -> Inventory:
+    names = [f"{i:03d}.jpg".encode() for i in range(len(sizes))]
+    relpaths, arr, _, _ = sort_unique(names, sizes)
+    return Inventory(Identity("/src", "folder", "/src", "/src"), relpaths, arr)
+
+
+def _shards(sizes: list[int], cfg: PackConfig) -> list[list[str]]:
+    inv = _inventory(sizes)
+    return [[f"{i:03d}.jpg" for i in range(s.start, s.stop)] for s in plan(inv.sizes, cfg)]
 
 
 def test_plan_splits_by_count_and_bytes():
     cfg = PackConfig("src", "dest", shard_size=3, max_shard_bytes=100)
-    tasks = plan(_files([10, 10, 10, 10, 60, 50, 1]), cfg)
-    assert [[f.relpath for f in t.files] for t in tasks] == [
+    assert _shards([10, 10, 10, 10, 60, 50, 1], cfg) == [
         ["000.jpg", "001.jpg", "002.jpg"],
         ["003.jpg", "004.jpg"],
         ["005.jpg", "006.jpg"],
     ]
-    assert [t.index for t in tasks] == [0, 1, 2]
+    # a file larger than the limit gets a shard of its own, and the next starts afresh
+    assert _shards([5, 150, 5, 5], cfg) == [["000.jpg"], ["001.jpg"], ["002.jpg", "003.jpg"]]
+    assert [s.index for s in plan(_inventory([1] * 7).sizes, cfg)] == [0, 1, 2]
 
 
 def test_plan_fingerprints_follow_files_and_options():
     cfg = PackConfig("src", "dest", shard_size=2)
-    a = plan(_files([1, 2, 3, 4]), cfg)
-    b = plan(_files([1, 2, 3, 5]), cfg)  # one size differs in the second shard
-    c = plan(_files([1, 2, 3, 4]), PackConfig("src", "dest", shard_size=2, quality=80))
-    assert a[0].fingerprint == b[0].fingerprint and a[1].fingerprint != b[1].fingerprint
-    assert a[0].fingerprint != c[0].fingerprint
-    assert plan(_files([1, 2, 3, 4]), PackConfig("s", "d", shard_size=2, workers=7)) == a  # not the speed knobs
+
+    def prints(sizes: list[int], cfg: PackConfig) -> list[str]:
+        inv = _inventory(sizes)
+        return [fingerprint(inv, s, cfg) for s in plan(inv.sizes, cfg)]
+
+    a = prints([1, 2, 3, 4], cfg)
+    b = prints([1, 2, 3, 5], cfg)  # one size differs in the second shard
+    c = prints([1, 2, 3, 4], PackConfig("src", "dest", shard_size=2, quality=80))
+    assert a[0] == b[0] and a[1] != b[1]
+    assert a[0] != c[0]
+    assert prints([1, 2, 3, 4], PackConfig("s", "d", shard_size=2, workers=7)) == a  # not the speed knobs
+    # the same value as earlier versions computed, so a DEST they packed resumes instead of being refused
+    old = hashlib.sha256(json.dumps(cfg.options(), sort_keys=True).encode())
+    for name, size in (("000.jpg", 1), ("001.jpg", 2)):
+        old.update(f"\0{name}\0{size}".encode())
+    assert a[0] == old.hexdigest()[:16]
+
+
+def test_duplicates_are_dropped_after_a_byte_order_sort():
+    relpaths, sizes, repeats, examples = sort_unique([b"b", b"a", b"b", b"\xff", b"a"], [1, 2, 3, 4, 5])
+    assert relpaths.to_pylist() == [b"a", b"b", b"\xff"] and sizes.tolist() == [2, 1, 4]  # first listing's size
+    assert repeats == 2 and examples == ["a", "b"]
 
 
 def test_resolve_brace_list_and_folders(tmp_path):

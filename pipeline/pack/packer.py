@@ -1,7 +1,8 @@
 """`featpipe pack`: source images → deterministic WebDataset shards, a commit marker each, a manifest.
 
-Shards are planned from the listing alone (sorted paths and sizes), so the plan, and with it every
-shard's bytes, is the same whatever the number of workers and whichever shards a rerun redoes.
+Shards are planned from the inventory alone (sorted paths and sizes, DEST/listing.parquet), so the
+plan, and with it every shard's bytes, is the same whatever the workers or torchrun ranks and
+whichever shards a rerun redoes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ctypes
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -21,14 +23,21 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline import __version__
-from pipeline.errors import UserError, reason
+from pipeline import __version__, dist
+from pipeline.dist import DistContext
+from pipeline.errors import UserError, first_line, reason
+from pipeline.faults import crash_point
 from pipeline.image.decode import has_alpha, open_image, to_rgb, upright
 from pipeline.image.header import DEFAULT_MAX_PIXELS, BadImage, Header, probe
-from pipeline.listing import Listing, SourceFile, list_images
+from pipeline.listing import SourceFile
+from pipeline.pack.inventory import LISTING, Identity, Inventory, Resolver, read_identity
+from pipeline.pack.inventory import read as read_inventory
+from pipeline.pack.inventory import write as write_inventory
+from pipeline.pack.sources import SourceSpec, identity, load, read_list_bytes, source_kind
 from pipeline.shardformat import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
 from pipeline.storage import (
     Location,
@@ -36,12 +45,13 @@ from pipeline.storage import (
     commit_json,
     ensure_writable,
     locate,
-    read_json,
     remove_stale_temps,
     staging_file,
     utf8_json,
 )
 from pipeline.units import format_bytes
+
+log = logging.getLogger("featpipe")
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,11 @@ class PackConfig:
     overwrite: bool = False
     progress: bool = True
     create_bucket: bool = False
+    root: str | None = None  # what a list's relative entries are relative to
+    path_column: str = "path"  # in a CSV or Parquet list
+    size_column: str = "size"
+    relist: bool = False  # list SRC again instead of planning from DEST/listing.parquet
+    barrier_timeout_s: float = 6 * 3600  # torchrun: how long rank 0 may wait for the slowest rank
 
     def options(self) -> dict:
         """The settings that shape the shards' bytes (not how fast we get there)."""
@@ -65,6 +80,15 @@ class PackConfig:
             k: getattr(self, k)
             for k in ("shard_size", "max_shard_bytes", "resize_max", "quality", "check", "max_pixels")
         }
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard `index` holds the inventory's entries [start, stop)."""
+
+    index: int
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,23 @@ class PackResult:
     manifest: dict
     packed_shards: int
     skipped_shards: int
+    ranks: list[RankStats]
+
+
+@dataclass(frozen=True)
+class RankStats:
+    rank: int
+    shards: int  # packed by this run (not counting those already done)
+    files: int
+    source_bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.source_bytes / max(self.seconds, 1e-9) / 1e6
+        return (
+            f"rank {self.rank}: {self.shards} shards, {self.files} files, {format_bytes(self.source_bytes)} "
+            f"in {self.seconds:.1f}s ({rate:.1f} MB/s, {self.files / max(self.seconds, 1e-9):.0f} files/s)"
+        )
 
 
 def validate(cfg: PackConfig) -> None:
@@ -92,46 +133,129 @@ def validate(cfg: PackConfig) -> None:
         raise UserError(f"--workers must be at least 1, got {cfg.workers}")
 
 
-def plan(files: list[SourceFile], cfg: PackConfig) -> list[ShardTask]:
-    groups: list[list[SourceFile]] = []
-    current: list[SourceFile] = []
-    current_bytes = 0
-    for f in files:
-        if current and (len(current) >= cfg.shard_size or current_bytes + f.size > cfg.max_shard_bytes):
-            groups.append(current)
-            current, current_bytes = [], 0
-        current.append(f)
-        current_bytes += f.size
-    if current:
-        groups.append(current)
-    opts = json.dumps(cfg.options(), sort_keys=True)
-    return [ShardTask(i, tuple(g), _fingerprint(opts, g)) for i, g in enumerate(groups)]
+def plan(sizes: np.ndarray, cfg: PackConfig) -> list[ShardPlan]:
+    """Consecutive entries, a new shard at --shard-size files or when the next file would take it
+    past --max-shard-bytes (a file larger than that gets a shard of its own). One binary search
+    per shard over the running byte total: 1M entries plan in milliseconds."""
+    total = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    shards, start, n = [], 0, len(sizes)
+    while start < n:
+        by_bytes = int(np.searchsorted(total, total[start] + cfg.max_shard_bytes, side="right")) - 1
+        stop = max(start + 1, min(start + cfg.shard_size, by_bytes, n))
+        shards.append(ShardPlan(len(shards), start, stop))
+        start = stop
+    return shards
 
 
-def _fingerprint(options: str, files: list[SourceFile]) -> str:
-    h = hashlib.sha256(options.encode())
-    for f in files:
-        h.update(f"\0{f.relpath}\0{f.size}".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
+def fingerprint(inv: Inventory, shard: ShardPlan, cfg: PackConfig) -> str:
+    """What a shard's bytes depend on: the options and its entries' names and sizes."""
+    h = hashlib.sha256(json.dumps(cfg.options(), sort_keys=True).encode())
+    names = inv.relpaths[shard.start : shard.stop].to_pylist()
+    sizes = inv.sizes[shard.start : shard.stop].tolist()
+    h.update(b"".join(b"\0%s\0%d" % (name, size) for name, size in zip(names, sizes, strict=True)))
     return h.hexdigest()[:16]
 
 
+def task(inv: Inventory, resolver: Resolver, shard: ShardPlan, cfg: PackConfig) -> ShardTask:
+    files = resolver.files(inv.relpaths[shard.start : shard.stop], inv.sizes[shard.start : shard.stop])
+    return ShardTask(shard.index, files, fingerprint(inv, shard, cfg))
+
+
 def run_pack(cfg: PackConfig) -> PackResult:
+    """Plan on rank 0 (list SRC, or reuse DEST/listing.parquet), then every rank packs its slice
+    of the shards (`shards[rank::world]`, skipping committed ones); rank 0 writes the manifest once
+    every rank is done. One process is the world of one."""
     validate(cfg)
+    ctx = DistContext.from_env()
     dest = locate(cfg.dest)
-    src = locate(cfg.src)
-    inside = dest.path if type(dest.fs) is type(src.fs) and dest.path.startswith(src.path.rstrip("/") + "/") else None
-    listing = list_images(cfg.src, exclude=inside)  # DEST inside SRC: its own shards are not source files
+    dist.init(ctx, "cpu", cfg.barrier_timeout_s)
+    try:
+        # Rank 0 lists and checks DEST while the others wait; they read the plan it wrote.
+        prepared = dist.from_main(ctx, lambda: _prepare(cfg, dest), share=lambda p: p[1])
+        inv, done = prepared if ctx.is_main else (read_inventory(dest), prepared)
+        shards = plan(inv.sizes, cfg)
+        mine = [s for s in shards[ctx.rank :: ctx.world] if s.index not in done]
+        stats, records = _pack_mine(inv, mine, dest, cfg, ctx)
+        ranks = dist.gather(ctx, stats)  # and the barrier: every shard is committed past it
+        manifest = None
+        if ctx.is_main:
+            records.update(_markers(dest, [s.index for s in shards if s.index not in records]))
+            manifest = _manifest(cfg, inv, dest, [records[s.index] for s in shards])
+            commit_json(dest.fs, dest.join(MANIFEST), manifest)
+    finally:
+        dist.shutdown(ctx)
+    return PackResult(manifest, len(mine), len(done), ranks)
+
+
+def _prepare(cfg: PackConfig, dest: Location) -> tuple[Inventory, set[int]]:
+    """Rank 0, alone: DEST writable and cleared if asked, the inventory in DEST/listing.parquet,
+    and which shards a previous run finished (refusing shards packed from other files)."""
+    spec = SourceSpec(cfg.src, cfg.root, cfg.path_column, cfg.size_column)
+    kind = source_kind(spec)
+    list_bytes = read_list_bytes(spec) if kind == "list" else None
+    wanted = identity(spec, kind, list_bytes)
+    reuse = False
+    if not cfg.overwrite:
+        reuse = _reusable(dest, wanted, cfg)
+    inv = read_inventory(dest) if reuse else load(spec, kind, _dest_inside(cfg), list_bytes)
     ensure_writable(dest, cfg.create_bucket)
     remove_stale_temps(dest, COMMITS_DIR)
     if cfg.overwrite:
         _clear(dest)
-    tasks = plan(listing.files, cfg)
-    done = _committed(dest, tasks)
-    todo = [t for t in tasks if t.index not in done]
+    shards = plan(inv.sizes, cfg)
+    done = _committed(dest, inv, shards, cfg)
+    if reuse:
+        log.info("planned from %s (%d entries); --relist to list %s again", dest.join(LISTING), len(inv), cfg.src)
+    else:
+        write_inventory(dest, inv)
+    log.info("%d shards planned from %d files, %d already packed", len(shards), len(inv), len(done))
+    return inv, done
+
+
+def _reusable(dest: Location, wanted: Identity, cfg: PackConfig) -> bool:
+    """Whether DEST's listing.parquet is this source's: a rerun plans from it; another source is refused."""
+    try:
+        have = read_identity(dest)
+    except Exception as exc:
+        raise UserError(
+            f"{dest.join(LISTING)} is unreadable ({first_line(exc)}); use --overwrite to start over"
+        ) from None
+    if have is None:
+        return False
+    if not have.same_source(wanted):
+        raise UserError(
+            f"{dest.url()} was packed from {have.source}, not {wanted.source}; "
+            "use --overwrite to start over, or another DEST"
+        )
+    if have.list_sha256 != wanted.list_sha256 and not cfg.relist:
+        raise UserError(
+            f"list {cfg.src} changed since {dest.join(LISTING)} was written; pass --relist to plan from it again "
+            "(shards packed from other entries are then refused), or --overwrite to start over"
+        )
+    return not cfg.relist
+
+
+def _dest_inside(cfg: PackConfig) -> str | None:
+    """DEST inside SRC: its own shards are not source files."""
+    dest, src = locate(cfg.dest), locate(cfg.src)
+    return dest.path if type(dest.fs) is type(src.fs) and dest.path.startswith(src.path.rstrip("/") + "/") else None
+
+
+def _pack_mine(
+    inv: Inventory, mine: list[ShardPlan], dest: Location, cfg: PackConfig, ctx: DistContext
+) -> tuple[RankStats, dict[int, dict]]:
+    resolver = inv.resolver()
+    todo = [task(inv, resolver, s, cfg) for s in mine]
     t0 = time.perf_counter()
-    records = dict(done)
+    records: dict[int, dict] = {}
+    desc = f"pack {ctx.rank}/{ctx.world}" if ctx.active else "pack"
     bar = tqdm(
-        total=sum(len(t.files) for t in todo), unit="file", disable=not cfg.progress, desc="pack", dynamic_ncols=True
+        total=sum(len(t.files) for t in todo),
+        unit="file",
+        disable=not cfg.progress,
+        desc=desc,
+        position=ctx.rank if ctx.active else None,
+        dynamic_ncols=True,
     )
     nbytes = 0
     for rec in _run_tasks(todo, dest, cfg):
@@ -139,10 +263,12 @@ def run_pack(cfg: PackConfig) -> PackResult:
         nbytes += rec["source_bytes"]
         bar.update(rec["files"])
         bar.set_postfix_str(f"{nbytes / max(time.perf_counter() - t0, 1e-9) / 1e6:.1f} MB/s")
+        crash_point("after-shard", ctx.rank)
     bar.close()
-    manifest = _manifest(cfg, listing, dest, [records[t.index] for t in tasks])
-    commit_json(dest.fs, dest.join(MANIFEST), manifest)
-    return PackResult(manifest, len(todo), len(done))
+    stats = RankStats(ctx.rank, len(todo), sum(len(t.files) for t in todo), nbytes, time.perf_counter() - t0)
+    if ctx.active:
+        log.info("%s", stats.line())
+    return stats, records
 
 
 def _run_tasks(todo: list[ShardTask], dest: Location, cfg: PackConfig) -> Iterator[dict]:
@@ -265,25 +391,37 @@ def _shrink(data: bytes, resize_max: int, quality: int, max_pixels: int) -> tupl
     return new, probe(new)
 
 
-def _committed(dest: Location, tasks: list[ShardTask]) -> dict[int, dict]:
+def _committed(dest: Location, inv: Inventory, shards: list[ShardPlan], cfg: PackConfig) -> set[int]:
     """Shards a previous run finished with the same plan; a marker from another plan is refused."""
     marker_dir = dest.join(COMMITS_DIR)
     if not dest.fs.exists(marker_dir):
-        return {}
-    done: dict[int, dict] = {}
+        return set()
     existing = {os.path.basename(p) for p in dest.fs.ls(marker_dir, detail=False)}
-    for t in tasks:
-        fname = shard_name(t.index) + ".json"
-        if fname not in existing:
-            continue
-        rec = read_json(dest.fs, dest.join(COMMITS_DIR, fname))
-        if rec.get("fingerprint") != t.fingerprint:
+    ours = [s for s in shards if shard_name(s.index) + ".json" in existing]
+    done = set()
+    for s, rec in zip(ours, _markers(dest, [s.index for s in ours]).values(), strict=True):
+        if rec.get("fingerprint") != fingerprint(inv, s, cfg):
             raise UserError(
                 f"{dest.url()} holds shards packed from other files or options "
-                f"({fname} differs); use --overwrite to start over, or another DEST"
+                f"({shard_name(s.index)} differs); use --overwrite to start over, or another DEST"
             )
-        done[t.index] = rec
+        done.add(s.index)
     return done
+
+
+def _markers(dest: Location, indices: list[int]) -> dict[int, dict]:
+    """The commit records of these shards, in order; fetched concurrently from an object store."""
+    paths = [dest.join(COMMITS_DIR, shard_name(i) + ".json") for i in indices]
+    if not paths:
+        return {}
+    found = dest.fs.cat(paths, on_error="return") if not dest.is_local else {p: dest.fs.cat_file(p) for p in paths}
+    records = {}
+    for i, p in zip(indices, paths, strict=True):
+        data = found.get(p)
+        if not isinstance(data, bytes):
+            raise UserError(f"{dest.url(p)} is missing or unreadable; rerun to pack that shard again")
+        records[i] = json.loads(data)
+    return records
 
 
 def _clear(dest: Location) -> None:
@@ -295,10 +433,10 @@ def _clear(dest: Location) -> None:
             fs.rm(p, recursive=True)
 
 
-def _manifest(cfg: PackConfig, listing: Listing, dest: Location, records: list[dict]) -> dict:
+def _manifest(cfg: PackConfig, inv: Inventory, dest: Location, records: list[dict]) -> dict:
     shards = [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in records]
-    skipped = [s for r in records for s in r["skipped"]]
-    return {
+    skipped = [{"path": m.path, "reason": m.reason} for m in inv.missing] + [s for r in records for s in r["skipped"]]
+    manifest = {
         "featpipe_version": __version__,
         "source": cfg.src,
         "destination": dest.url(),
@@ -308,18 +446,32 @@ def _manifest(cfg: PackConfig, listing: Listing, dest: Location, records: list[d
             "shards": len(shards),
             "samples": sum(s["samples"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
-            "image_files": len(listing.files),
+            "image_files": len(inv) + len(inv.missing),
             "skipped": len(skipped),
-            "ignored_non_images": listing.ignored,
+            "ignored_non_images": inv.stats.ignored,
         },
         "skipped": skipped,
     }
+    if inv.identity.kind == "list":
+        manifest["list"] = {
+            "root": cfg.root,
+            "blank_lines": inv.stats.blank_lines,
+            "duplicate_entries": inv.stats.duplicates,
+            "duplicate_examples": list(inv.stats.duplicate_examples),
+        }
+    return manifest
 
 
 def summary(result: PackResult, seconds: float) -> str:
+    """Rank 0's closing lines: the whole job, then each rank's share when there were several."""
     t = result.manifest["totals"]
-    return (
+    listed = result.manifest.get("list")
+    repeats = f", {listed['duplicate_entries']} duplicate entries packed once" if listed else ""
+    total = (
         f"packed {t['samples']} images into {t['shards']} shards ({format_bytes(t['bytes'])}) "
         f"at {result.manifest['destination']} in {seconds:.1f}s; {t['skipped']} skipped, "
-        f"{t['ignored_non_images']} non-image files ignored, {result.skipped_shards} shards already done"
+        f"{t['ignored_non_images']} non-image files ignored{repeats}, {result.skipped_shards} shards already done"
     )
+    if len(result.ranks) < 2:
+        return total
+    return "\n".join([total, *(r.line() for r in result.ranks)])
