@@ -4,6 +4,7 @@ torchrun restart) recovers. Off unless FEATPIPE_TEST_CRASH is set; costs one dic
   FEATPIPE_TEST_CRASH=after-chunk      die (SIGKILL) right after this rank commits its first chunk
   FEATPIPE_TEST_CRASH=consolidate      die after fts.npy is published, before fts.pth
   FEATPIPE_TEST_CRASH=after-block      (match) die right after this rank commits its first query block
+  FEATPIPE_TEST_CRASH=after-shard      (pack) die right after this rank commits its first shard
   FEATPIPE_TEST_CRASH_RANK=N           only on rank N (default 0)
   FEATPIPE_TEST_CRASH_ONCE=FILE        only if FILE does not exist yet; it is created first
 """

@@ -258,7 +258,7 @@ def _pack_mine(
         dynamic_ncols=True,
     )
     nbytes = 0
-    for rec in _run_tasks(todo, dest, cfg):
+    for rec in _run_tasks(todo, resolver.location.fs, dest, cfg):
         records[rec["index"]] = rec
         nbytes += rec["source_bytes"]
         bar.update(rec["files"])
@@ -271,8 +271,9 @@ def _pack_mine(
     return stats, records
 
 
-def _run_tasks(todo: list[ShardTask], dest: Location, cfg: PackConfig) -> Iterator[dict]:
-    src_fs = locate(cfg.src).fs
+def _run_tasks(
+    todo: list[ShardTask], src_fs: fsspec.AbstractFileSystem, dest: Location, cfg: PackConfig
+) -> Iterator[dict]:
     if cfg.workers == 1 or len(todo) <= 1:
         for t in todo:
             yield pack_shard(t, src_fs, dest, cfg)
