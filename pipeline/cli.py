@@ -113,6 +113,12 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards in DEST and start over")
     p.add_argument("--create-bucket", action="store_true", help="create DEST's bucket if it does not exist")
     p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="list SRC (or read the list), write DEST/listing.parquet and stop: a long listing done once, "
+        "before the packing job starts",
+    )
+    p.add_argument(
         "--barrier-timeout",
         type=_positive,
         default=6 * 3600,
@@ -359,6 +365,7 @@ def output_names(args: argparse.Namespace):
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
+    from pipeline.dist import DistContext
     from pipeline.pack.packer import PackConfig, run_pack, summary
 
     cfg = PackConfig(
@@ -377,11 +384,12 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         path_column=args.path_column,
         size_column=args.size_column,
         relist=args.relist,
+        plan_only=args.plan_only,
         barrier_timeout_s=args.barrier_timeout,
     )
     t0 = time.perf_counter()
     result = run_pack(cfg)
-    if result.manifest is not None:  # under torchrun, rank 0 speaks for the job
+    if DistContext.from_env().is_main:  # under torchrun, rank 0 speaks for the job
         print(summary(result, time.perf_counter() - t0))
     return EXIT_OK
 

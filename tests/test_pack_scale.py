@@ -234,6 +234,9 @@ def test_reruns_plan_from_listing_parquet_until_asked_to_list_again(tmp_path):
     for i in range(3):
         (src / f"b{i}.jpg").write_bytes(PHOTOS[i])
     out = tmp_path / "out"
+    planned = run_cli("pack", src, out, "--shard-size", "1", "--plan-only")
+    assert "planned 3 shards from 3 files" in planned.stdout and not list(out.glob("shard-*"))
+    assert [p.name for p in out.iterdir()] == ["listing.parquet"]
     run_cli("pack", src, out, "--shard-size", "1", "--no-progress")
     listing = (out / "listing.parquet").read_bytes()
     (src / "c.jpg").write_bytes(PHOTOS[3])  # sorts last
@@ -317,3 +320,18 @@ def test_a_bad_list_under_torchrun_is_one_line_from_every_rank(tmp_path):
     assert proc.returncode != 0 and not out.exists()
     assert proc.stderr.count("is a relative path; pass --root") == 2, proc.stderr[-3000:]
     assert "/pipeline/" not in proc.stderr  # the launcher's own report follows, but no frame of ours
+
+
+def test_a_list_in_a_bucket_of_objects_in_a_bucket(sample_dir, folder_pack, tmp_path, s3, s3_server):
+    fs, bucket = s3
+    names = listed(folder_pack)
+    for n in names:
+        fs.pipe(f"{bucket}/in/{n}", (sample_dir / n).read_bytes())
+    lines = [*names, "valid/not-uploaded.jpg"]
+    fs.pipe(f"{bucket}/lists/images.txt", ("\n".join(lines) + "\n").encode())
+    out = tmp_path / "out"
+    args = ["pack", f"s3://{bucket}/lists/images.txt", out, "--root", f"s3://{bucket}/in", "--shard-size", "4"]
+    run_cli(*args, "--workers", "2", "--no-progress", env=s3_server)
+    got, want = samples(out), samples(folder_pack)
+    assert [(m["relpath"], data) for m, data in got] == [(m["relpath"], data) for m, data in want]
+    assert {"path": f"s3://{bucket}/in/valid/not-uploaded.jpg", "reason": "not found"} in manifest(out)["skipped"]

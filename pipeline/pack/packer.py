@@ -72,6 +72,7 @@ class PackConfig:
     path_column: str = "path"  # in a CSV or Parquet list
     size_column: str = "size"
     relist: bool = False  # list SRC again instead of planning from DEST/listing.parquet
+    plan_only: bool = False  # write DEST/listing.parquet and stop
     barrier_timeout_s: float = 6 * 3600  # torchrun: how long rank 0 may wait for the slowest rank
 
     def options(self) -> dict:
@@ -100,10 +101,12 @@ class ShardTask:
 
 @dataclass
 class PackResult:
-    manifest: dict
+    manifest: dict | None  # None on ranks other than 0, and with --plan-only
     packed_shards: int
-    skipped_shards: int
+    skipped_shards: int  # already done by an earlier run
     ranks: list[RankStats]
+    planned_shards: int
+    planned_files: int
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,8 @@ def run_pack(cfg: PackConfig) -> PackResult:
         prepared = dist.from_main(ctx, lambda: _prepare(cfg, dest), share=lambda p: p[1])
         inv, done = prepared if ctx.is_main else (read_inventory(dest), prepared)
         shards = plan(inv.sizes, cfg)
+        if cfg.plan_only:
+            return PackResult(None, 0, len(done), [], len(shards), len(inv))
         mine = [s for s in shards[ctx.rank :: ctx.world] if s.index not in done]
         stats, records = _pack_mine(inv, mine, dest, cfg, ctx)
         ranks = dist.gather(ctx, stats)  # and the barrier: every shard is committed past it
@@ -184,7 +189,7 @@ def run_pack(cfg: PackConfig) -> PackResult:
             commit_json(dest.fs, dest.join(MANIFEST), manifest)
     finally:
         dist.shutdown(ctx)
-    return PackResult(manifest, len(mine), len(done), ranks)
+    return PackResult(manifest, len(mine), len(done), ranks, len(shards), len(inv))
 
 
 def _prepare(cfg: PackConfig, dest: Location) -> tuple[Inventory, set[int]]:
@@ -465,6 +470,11 @@ def _manifest(cfg: PackConfig, inv: Inventory, dest: Location, records: list[dic
 
 def summary(result: PackResult, seconds: float) -> str:
     """Rank 0's closing lines: the whole job, then each rank's share when there were several."""
+    if result.manifest is None:
+        return (
+            f"planned {result.planned_shards} shards from {result.planned_files} files in {seconds:.1f}s, "
+            f"{result.skipped_shards} already packed; nothing packed (--plan-only)"
+        )
     t = result.manifest["totals"]
     listed = result.manifest.get("list")
     repeats = f", {listed['duplicate_entries']} duplicate entries packed once" if listed else ""
