@@ -63,6 +63,7 @@ demo: install
 bench: install
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_match.py
+	$(BIN)/python tools/bench_pack_plan.py
 
 clean:
 	rm -rf data/demo bench-out

@@ -45,8 +45,8 @@ __all__ = [
 
 
 def pack(src: str, dest: str, **options: Any):
-    """Image folder or bucket → WebDataset shards + manifest (see `featpipe pack`); options are
-    PackConfig's fields (shard_size, max_shard_bytes, resize_max, quality, check, workers, …).
+    """Image folder, bucket or list of images → WebDataset shards + manifest (see `featpipe pack`);
+    options are PackConfig's fields (shard_size, max_shard_bytes, root, path_column, workers, …).
     Returns the PackResult (its `manifest`, shards packed and skipped)."""
     from pipeline.pack.packer import PackConfig, run_pack
 

@@ -24,7 +24,7 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def is_absolute(name: str) -> bool:
     """A URL (scheme://…) or an absolute local path: not relative to any root."""
-    return name.startswith("/") or _SCHEME.match(name) is not None
+    return name.startswith("/") or ("://" in name and _SCHEME.match(name) is not None)
 
 
 def encode_name(name: str) -> bytes:

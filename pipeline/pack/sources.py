@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import posixpath
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -267,17 +268,20 @@ def _check_filesystem(spec: SourceSpec, inv: Inventory, raw: list[bytes], where:
         classes[type(locate(spec.root).fs)] = f"--root {spec.root}"
     seen: set[str] = set()
     for entry, at in zip(raw, where, strict=True):
-        name = decode_name(entry)
-        if not is_absolute(name):
-            continue
-        scheme = name.split("://", 1)[0].lower() if "://" in name else "file"
+        if entry.startswith(b"/"):
+            scheme = "file"
+        elif b"://" in entry and is_absolute(name := decode_name(entry)):
+            scheme = name.split("://", 1)[0].lower()
+        else:
+            continue  # relative: on --root's filesystem
         if scheme in seen:
             continue
         seen.add(scheme)
         try:
             cls = fsspec.get_filesystem_class(scheme)
         except ValueError:
-            raise UserError(f"list {spec.src} {at}: {name!r} has a scheme fsspec does not know ({scheme}://)") from None
+            what = decode_name(entry)
+            raise UserError(f"list {spec.src} {at}: {what!r} has a scheme fsspec does not know ({scheme}://)") from None
         except ImportError as exc:
             raise UserError(f"list {spec.src} {at}: {scheme}:// needs a package: {first_line(exc)}") from None
         classes.setdefault(cls, f"{at} ({scheme})")
@@ -302,7 +306,7 @@ def _fill_sizes(spec: SourceSpec, inv: Inventory) -> Inventory:
         try:
             if isinstance(fs, LocalFileSystem):
                 st = os.stat(fs_path)
-                return st.st_size if not os.path.isdir(fs_path) else "a folder, not a file"
+                return st.st_size if not stat.S_ISDIR(st.st_mode) else "a folder, not a file"
             info = retrying(lambda: fs.info(fs_path), 3, 0.5, f"size of {fs_path}")
             return int(info.get("size") or 0) if info.get("type", "file") == "file" else "a folder, not a file"
         except FileNotFoundError:
