@@ -199,11 +199,9 @@ def _prepare(cfg: PackConfig, dest: Location) -> tuple[Inventory, set[int]]:
     kind = source_kind(spec)
     list_bytes = read_list_bytes(spec) if kind == "list" else None
     wanted = identity(spec, kind, list_bytes)
-    reuse = False
-    if not cfg.overwrite:
-        reuse = _reusable(dest, wanted, cfg)
+    reuse = not cfg.overwrite and _reusable(dest, wanted, cfg)
+    ensure_writable(dest, cfg.create_bucket)  # before a walk that may take hours; it leaves no trace
     inv = read_inventory(dest) if reuse else load(spec, kind, _dest_inside(cfg), list_bytes)
-    ensure_writable(dest, cfg.create_bucket)
     remove_stale_temps(dest, COMMITS_DIR)
     if cfg.overwrite:
         _clear(dest)
@@ -434,7 +432,7 @@ def _clear(dest: Location) -> None:
     fs = dest.fs
     for p in fs.glob(dest.join("shard-*.tar")):
         fs.rm_file(p)
-    for p in (dest.join(COMMITS_DIR), dest.join(MANIFEST)):
+    for p in (dest.join(COMMITS_DIR), dest.join(MANIFEST), dest.join(LISTING)):
         if fs.exists(p):
             fs.rm(p, recursive=True)
 
