@@ -4,6 +4,7 @@ reused by reruns, and torchrun ranks packing one job (real processes, gloo on th
 from __future__ import annotations
 
 import functools
+import gzip
 import http.server
 import json
 import os
@@ -87,10 +88,13 @@ def test_csv_and_parquet_lists_with_and_without_sizes(sample_dir, folder_pack, t
     csv.write_text("path,size,label\n" + "\n".join(rows) + "\n")
     parquet = tmp_path / "images.parquet"
     pq.write_table(pa.table({"url": names, "other": list(range(len(names)))}), parquet)
-    a, b = tmp_path / "csv", tmp_path / "parquet"
+    gz = tmp_path / "images.txt.gz"
+    gz.write_bytes(gzip.compress("".join(f"{n}\n" for n in names).encode()))
+    a, b, z = tmp_path / "csv", tmp_path / "parquet", tmp_path / "gz"
     run_cli("pack", csv, a, "--root", sample_dir, "--shard-size", "4", "--no-progress")
     run_cli("pack", parquet, b, "--root", sample_dir, "--path-column", "url", "--shard-size", "4", "--no-progress")
-    assert shard_bytes(a) == shard_bytes(b) == shard_bytes(folder_pack)
+    run_cli("pack", gz, z, "--root", sample_dir, "--shard-size", "4", "--no-progress")
+    assert shard_bytes(a) == shard_bytes(b) == shard_bytes(z) == shard_bytes(folder_pack)
     # without --root an absolute path is recorded whole
     c = tmp_path / "absolute"
     run_cli("pack", csv, c, "--shard-size", "4", "--no-progress")
@@ -131,11 +135,12 @@ def test_a_list_entry_that_is_not_utf8_is_packed_losslessly(tmp_path):
     (src / "plain.jpg").write_bytes(PHOTOS[1])
     text = tmp_path / "list.txt"
     text.write_bytes(os.fsencode(src) + b"/caf\xe9.jpg\n" + os.fsencode(src) + b"/plain.jpg\n")
-    out = tmp_path / "out"
-    run_cli("pack", text, out, "--root", src, "--no-progress")
-    with tarfile.open(out / "shard-000000.tar") as tf:
-        metas = [json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")]
-    assert sorted(m["relpath"] for m in metas) == ["caf\udce9.jpg", "plain.jpg"]
+    csv = tmp_path / "list.csv"
+    csv.write_bytes(b"path\ncaf\xe9.jpg\nplain.jpg\n")
+    for listing in (text, csv):
+        out = tmp_path / f"out-{listing.suffix}"
+        run_cli("pack", listing, out, "--root", src, "--no-progress")
+        assert sorted(m["relpath"] for m, _ in samples(out)) == ["caf\udce9.jpg", "plain.jpg"]
 
 
 @pytest.mark.parametrize(

@@ -109,17 +109,10 @@ def from_list(spec: SourceSpec, data: bytes) -> Inventory:
     raw, sizes, where, blank = _parse(spec, data)
     if not raw:
         raise UserError(f"list {spec.src} has no entries")
-    names = _normalise(spec, raw, where)
-    relpaths, size_arr, repeats, examples = sort_unique(names, sizes)
-    inv = Inventory(
-        identity(spec, "list", data),
-        relpaths,
-        size_arr,
-        [],
-        ListingStats(blank_lines=blank, duplicates=repeats, duplicate_examples=tuple(examples)),
-    )
-    _check_filesystem(spec, inv, raw, where)
-    return _fill_sizes(spec, inv)
+    _check_filesystem(spec, raw, where)
+    relpaths, size_arr, repeats, examples = sort_unique(_normalise(spec, raw, where), sizes)
+    stats = ListingStats(blank_lines=blank, duplicates=repeats, duplicate_examples=tuple(examples))
+    return _fill_sizes(spec, Inventory(identity(spec, "list", data), relpaths, size_arr, [], stats))
 
 
 # ---- reading the list's rows --------------------------------------------------------------------
@@ -205,7 +198,8 @@ def _parquet_table(spec: SourceSpec, data: bytes) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"list {spec.src} is not a readable Parquet file: {first_line(exc)}") from None
     path_type = table.schema.field(spec.path_column).type
-    if not (pa.types.is_string(path_type) or pa.types.is_large_string(path_type) or pa.types.is_binary(path_type)):
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    if not any(kind(path_type) for kind in kinds):
         raise UserError(f"list {spec.src}: column {spec.path_column!r} holds {path_type}, not paths")
     table = table.set_column(0, spec.path_column, table.column(0).cast(pa.large_binary()))
     if with_size:
@@ -261,7 +255,7 @@ def _normalise(spec: SourceSpec, raw: list[bytes], where: list[str]) -> list[byt
     return names
 
 
-def _check_filesystem(spec: SourceSpec, inv: Inventory, raw: list[bytes], where: list[str]) -> None:
+def _check_filesystem(spec: SourceSpec, raw: list[bytes], where: list[str]) -> None:
     """Every entry on one filesystem that fsspec can open: an unknown scheme or a mix is one line."""
     classes: dict[type, str] = {}
     if spec.root is not None:
@@ -289,7 +283,6 @@ def _check_filesystem(spec: SourceSpec, inv: Inventory, raw: list[bytes], where:
         raise UserError(
             f"list {spec.src} mixes filesystems ({'; '.join(classes.values())}); one pack reads from one filesystem"
         )
-    inv.resolver()  # opens the filesystem now: missing credentials are one line before any output
 
 
 def _fill_sizes(spec: SourceSpec, inv: Inventory) -> Inventory:
