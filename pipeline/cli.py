@@ -71,10 +71,16 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--root", help="a list's relative entries are under this folder or URL; recorded paths relative to it"
     )
-    p.add_argument("--path-column", default="path", help="a CSV/Parquet list's column of paths or URLs (default path)")
+    p.add_argument(
+        "--path-column",
+        default="path",
+        metavar="NAME",
+        help="a CSV/Parquet list's column of paths or URLs (default path)",
+    )
     p.add_argument(
         "--size-column",
         default="size",
+        metavar="NAME",
         help="a CSV/Parquet list's column of byte sizes, used when there (default size); sizes it lacks are looked up",
     )
     p.add_argument(

@@ -1,9 +1,11 @@
 """The package's shape: no import cycle between featpipe's modules (function-level imports
-included), and `featpipe pack` never loads torch."""
+included), `featpipe pack` never loads torch, and every flag the README shows exists."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +76,26 @@ def test_pack_command_does_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+SLURM_FLAGS = {"--nodes", "--ntasks-per-node", "--cpus-per-task", "--gpus-per-node"}  # #SBATCH lines
+
+
+def test_every_flag_the_readme_shows_exists():
+    """The README's flags, each accepted by featpipe, a tools/ script, torchrun or sbatch."""
+    from pipeline.cli import build_parser
+
+    known = set(SLURM_FLAGS)
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                known |= {o for a in sub._actions for o in a.option_strings}
+    scripts = ["extract_fts.py", "match_fts.py", "bench.py", "bench_match.py", "bench_pack_plan.py"]
+    helps = [[sys.executable, str(ROOT / "tools" / s), "--help"] for s in scripts]
+    helps.append([sys.executable, "-m", "torch.distributed.run", "--help"])
+    helps.append([sys.executable, str(ROOT / "tools" / "make_sample_images.py"), "--help"])
+    for cmd in helps:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        known |= set(re.findall(r"--[a-z][a-z0-9_-]*", out))
+    shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", (ROOT / "README.md").read_text()))
+    assert shown and not shown - known, sorted(shown - known)
