@@ -1,5 +1,5 @@
-"""Find the images under a folder or bucket prefix, in a stable order (pack's input, and extract's
-when SHARDS is a plain image folder)."""
+"""Find the images under a folder or bucket prefix, in a stable order (pack's walk of a folder, and
+extract's input when SHARDS is a plain image folder)."""
 
 from __future__ import annotations
 

@@ -340,3 +340,13 @@ def test_a_list_in_a_bucket_of_objects_in_a_bucket(sample_dir, folder_pack, tmp_
     got, want = samples(out), samples(folder_pack)
     assert [(m["relpath"], data) for m, data in got] == [(m["relpath"], data) for m, data in want]
     assert {"path": f"s3://{bucket}/in/valid/not-uploaded.jpg", "reason": "not found"} in manifest(out)["skipped"]
+    # an S3 Inventory's Parquet shape: bucket, key (relative to the bucket), size
+    keys = [f"in/{n}" for n in names]
+    sizes = [(sample_dir / n).stat().st_size for n in names]
+    inventory = tmp_path / "inventory.parquet"
+    pq.write_table(pa.table({"bucket": [bucket] * len(keys), "key": keys, "size": sizes}), inventory)
+    out2 = tmp_path / "out2"
+    args = ["pack", inventory, out2, "--root", f"s3://{bucket}", "--path-column", "key", "--shard-size", "4"]
+    run_cli(*args, "--no-progress", env=s3_server)
+    assert [data for _, data in samples(out2)] == [data for _, data in want]
+    assert all(m["relpath"] == f"in/{w['relpath']}" for (m, _), (w, _) in zip(samples(out2), want, strict=True))
