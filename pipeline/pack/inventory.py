@@ -132,7 +132,7 @@ def write(dest: Location, inv: Inventory) -> None:
         {
             "relpath": pa.concat_arrays([inv.relpaths, missing]),
             "size": np.concatenate([inv.sizes, np.full(len(inv.missing), -1, np.int64)]),
-            "problem": pa.array([None] * len(inv) + [m.reason for m in inv.missing], pa.string()),
+            "problem": pa.array([None] * len(inv) + [valid_text(m.reason) for m in inv.missing], pa.string()),
         }
     )
     meta = {"format": FORMAT, "identity": vars(inv.identity), "stats": _stats_json(inv.stats)}
@@ -140,6 +140,11 @@ def write(dest: Location, inv: Inventory) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     commit_bytes(dest.fs, dest.join(LISTING), buf.getvalue())
+
+
+def valid_text(reason: str) -> str:
+    """A reason as valid UTF-8: an OS error quoting a name that is not keeps it as \\udcXX escapes."""
+    return reason.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _stats_json(stats: ListingStats) -> dict:

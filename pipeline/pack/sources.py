@@ -35,6 +35,7 @@ from pipeline.pack.inventory import (
     encode_name,
     is_absolute,
     sort_unique,
+    valid_text,
 )
 from pipeline.storage import locate, retrying
 
@@ -318,7 +319,7 @@ def _fill_sizes(spec: SourceSpec, inv: Inventory) -> Inventory:
     for i, f, got in zip(todo, files, found, strict=True):
         if isinstance(got, str):
             keep[i] = False
-            missing.append(Missing(f.path, got))
+            missing.append(Missing(f.path, valid_text(got)))  # the same text after a trip through the listing
         else:
             sizes[i] = got
     if not keep.any():
