@@ -118,6 +118,9 @@ def test_listed_files_that_are_not_there_are_recorded_and_the_run_goes_on(sample
         f"{src}/gone.jpg": "not found",
         f"{src}/sub": "a folder, not a file",
     }
+    first = (out / "manifest.json").read_bytes()
+    run_cli("pack", text, out, "--root", src, "--no-progress")  # planned from listing.parquet
+    assert (out / "manifest.json").read_bytes() == first
     # a size given in the list is trusted: the missing file is found when packing, and recorded too
     csv = tmp_path / "list.csv"
     csv.write_text("path,size\n0.jpg,10\nlost.jpg,10\n")
