@@ -209,6 +209,23 @@ def fidelity(folder: Path) -> dict:
     return {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
 
 
+def extract_cmd(src: Path, out: Path, model: str, workers: int, batch: int) -> list[str]:
+    """`featpipe extract` on the CPU with the bench's local hub model."""
+    return [
+        sys.executable, "-m", "pipeline", "extract", str(src), str(out),
+        "--model-repo", HUB, "--model-name", model, "--workers", str(workers), "--batch-size", str(batch),
+        "--device", "cpu", "--overwrite", "--no-progress",
+    ]  # fmt: skip
+
+
+def original_cmd(src: Path, out: Path, model: str, workers: int, batch: int) -> list[str]:
+    """The original method on the same folder, model, batch size and workers."""
+    return [
+        sys.executable, str(ROOT / "tools" / "original_method.py"), "--data_dir", str(src), "--output_dir", str(out),
+        "--model_repo", HUB, "--model_name", model, "--batch_size", str(batch), "--num_workers", str(workers),
+    ]  # fmt: skip
+
+
 def end_to_end(
     small: tuple[Path, Path],
     large: tuple[Path, Path],
@@ -223,44 +240,10 @@ def end_to_end(
     (half_folder, half_shards), (folder, shards) = small, large
 
     def ours(src: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "extract",
-            str(src),
-            str(work / "e2e-ours"),
-            "--model-repo",
-            HUB,
-            "--model-name",
-            model,
-            "--workers",
-            str(workers),
-            "--batch-size",
-            str(batch),
-            "--device",
-            "cpu",
-            "--overwrite",
-            "--no-progress",
-        ]
+        return extract_cmd(src, work / "e2e-ours", model, workers, batch)
 
     def original(src: Path) -> list[str]:
-        return [
-            sys.executable,
-            str(ROOT / "tools" / "original_method.py"),
-            "--data_dir",
-            str(src),
-            "--output_dir",
-            str(work / "e2e-orig"),
-            "--model_repo",
-            HUB,
-            "--model_name",
-            model,
-            "--batch_size",
-            str(batch),
-            "--num_workers",
-            str(workers),
-        ]
+        return original_cmd(src, work / "e2e-orig", model, workers, batch)
 
     n_full, n_half = len(list(folder.glob("*.jpg"))), len(list(half_folder.glob("*.jpg")))
     rates = {}
@@ -297,44 +280,8 @@ def peak_memory(
     for name, small, big in (("featpipe", shards, big_shards), ("original", folder, big_folder)):
         pss = []
         for src in (small, big):
-            if name == "featpipe":
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "pipeline",
-                    "extract",
-                    str(src),
-                    str(work / "rss-ours"),
-                    "--model-repo",
-                    HUB,
-                    "--model-name",
-                    "vit_tiny_p14",
-                    "--workers",
-                    str(workers),
-                    "--batch-size",
-                    str(batch),
-                    "--device",
-                    "cpu",
-                    "--overwrite",
-                    "--no-progress",
-                ]
-            else:
-                cmd = [
-                    sys.executable,
-                    str(ROOT / "tools" / "original_method.py"),
-                    "--data_dir",
-                    str(src),
-                    "--output_dir",
-                    str(work / "rss-orig"),
-                    "--model_repo",
-                    HUB,
-                    "--model_name",
-                    "vit_tiny_p14",
-                    "--batch_size",
-                    str(batch),
-                    "--num_workers",
-                    str(workers),
-                ]
+            make = extract_cmd if name == "featpipe" else original_cmd
+            cmd = make(src, work / ("rss-ours" if name == "featpipe" else "rss-orig"), "vit_tiny_p14", workers, batch)
             pss.append(run(cmd, measure_memory=True)[1])
         out[name] = {
             "peak_pss_mb_n": round(pss[0], 1),
