@@ -11,6 +11,7 @@ import time
 
 from pipeline import __version__
 from pipeline.cpu import default_workers, prefer_sleeping_threads
+from pipeline.dist import BARRIER_TIMEOUT_S
 from pipeline.errors import EXIT_ABORTED, EXIT_FAILURES, EXIT_OK, UserError, reason
 from pipeline.units import parse_bytes
 
@@ -124,15 +125,19 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         help="list SRC (or read the list), write DEST/listing.parquet and stop: a long listing done once, "
         "before the packing job starts",
     )
+    _add_barrier_timeout(p, "how long ranks wait for rank 0's listing, and rank 0 for the slowest rank")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_pack)
+
+
+def _add_barrier_timeout(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--barrier-timeout",
         type=_positive,
-        default=6 * 3600,
+        default=BARRIER_TIMEOUT_S,
         metavar="SECONDS",
-        help="under torchrun: how long ranks wait for rank 0's listing, and rank 0 for the slowest rank",
+        help=f"under torchrun: {what}",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=_cmd_pack)
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
@@ -173,13 +178,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace features made earlier in OUT")
     p.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
     p.add_argument("--retries", type=_non_negative, default=3, help="retries of a shard after a transient read error")
-    p.add_argument(
-        "--barrier-timeout",
-        type=_positive,
-        default=6 * 3600,
-        metavar="SECONDS",
-        help="under torchrun: how long rank 0 waits for the slowest rank before consolidating",
-    )
+    _add_barrier_timeout(p, "how long rank 0 waits for the slowest rank before consolidating")
     p.add_argument(
         "--no-consolidate", action="store_true", help="only write chunks; run `featpipe consolidate OUT` later"
     )
@@ -221,13 +220,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace results made earlier in OUT")
     p.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
-    p.add_argument(
-        "--barrier-timeout",
-        type=_positive,
-        default=6 * 3600,
-        metavar="SECONDS",
-        help="under torchrun: how long rank 0 waits for the slowest rank",
-    )
+    _add_barrier_timeout(p, "how long rank 0 waits for the slowest rank")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# How long ranks wait at a barrier: it must cover a whole rank's share of a job (or rank 0's listing
+# of a bucket), hence hours, not torch's 10–30 minutes.
+BARRIER_TIMEOUT_S = 6 * 3600
+
 
 @dataclass(frozen=True)
 class DistContext:

@@ -60,7 +60,7 @@ class ExtractConfig:
     progress: bool = True
     group_size: int = DEFAULT_GROUP_SIZE  # images per chunk when SHARDS is a plain image folder
     read: ReadConfig = field(default_factory=ReadConfig)
-    barrier_timeout_s: float = 6 * 3600
+    barrier_timeout_s: float = dist.BARRIER_TIMEOUT_S
     consolidate: bool = True
     compile: bool = False
     create_bucket: bool = False  # torch.compile the model: a slow start, then faster batches

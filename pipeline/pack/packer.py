@@ -73,7 +73,7 @@ class PackConfig:
     size_column: str = "size"
     relist: bool = False  # list SRC again instead of planning from DEST/listing.parquet
     plan_only: bool = False  # write DEST/listing.parquet and stop
-    barrier_timeout_s: float = 6 * 3600  # torchrun: how long rank 0 may wait for the slowest rank
+    barrier_timeout_s: float = dist.BARRIER_TIMEOUT_S  # torchrun: how long rank 0 may wait for the slowest rank
 
     def options(self) -> dict:
         """The settings that shape the shards' bytes (not how fast we get there)."""
@@ -173,9 +173,11 @@ def run_pack(cfg: PackConfig) -> PackResult:
     dest = locate(cfg.dest)
     dist.init(ctx, "cpu", cfg.barrier_timeout_s)
     try:
-        # Rank 0 lists and checks DEST while the others wait; they read the plan it wrote.
-        prepared = dist.from_main(ctx, lambda: _prepare(cfg, dest), share=lambda p: p[1])
-        inv, done = prepared if ctx.is_main else (read_inventory(dest), prepared)
+        # Rank 0 lists and checks DEST while the others wait; they read the plan it wrote and get
+        # the finished shards' numbers, rank 0 keeps their records for the manifest.
+        prepared = dist.from_main(ctx, lambda: _prepare(cfg, dest), share=lambda p: set(p[1]))
+        inv, finished = prepared if ctx.is_main else (read_inventory(dest), {})
+        done = set(finished) if ctx.is_main else prepared
         shards = plan(inv.sizes, cfg)
         if cfg.plan_only:
             return PackResult(None, 0, len(done), [], len(shards), len(inv))
@@ -184,6 +186,7 @@ def run_pack(cfg: PackConfig) -> PackResult:
         ranks = dist.gather(ctx, stats)  # and the barrier: every shard is committed past it
         manifest = None
         if ctx.is_main:
+            records.update(finished)
             records.update(_markers(dest, [s.index for s in shards if s.index not in records]))
             manifest = _manifest(cfg, inv, dest, [records[s.index] for s in shards])
             commit_json(dest.fs, dest.join(MANIFEST), manifest)
@@ -192,7 +195,7 @@ def run_pack(cfg: PackConfig) -> PackResult:
     return PackResult(manifest, len(mine), len(done), ranks, len(shards), len(inv))
 
 
-def _prepare(cfg: PackConfig, dest: Location) -> tuple[Inventory, set[int]]:
+def _prepare(cfg: PackConfig, dest: Location) -> tuple[Inventory, dict[int, dict]]:
     """Rank 0, alone: DEST writable and cleared if asked, the inventory in DEST/listing.parquet,
     and which shards a previous run finished (refusing shards packed from other files)."""
     spec = SourceSpec(cfg.src, cfg.root, cfg.path_column, cfg.size_column)
@@ -395,21 +398,21 @@ def _shrink(data: bytes, resize_max: int, quality: int, max_pixels: int) -> tupl
     return new, probe(new)
 
 
-def _committed(dest: Location, inv: Inventory, shards: list[ShardPlan], cfg: PackConfig) -> set[int]:
-    """Shards a previous run finished with the same plan; a marker from another plan is refused."""
+def _committed(dest: Location, inv: Inventory, shards: list[ShardPlan], cfg: PackConfig) -> dict[int, dict]:
+    """The commit records of shards a previous run finished with the same plan; a marker from
+    another plan is refused."""
     marker_dir = dest.join(COMMITS_DIR)
     if not dest.fs.exists(marker_dir):
-        return set()
+        return {}
     existing = {os.path.basename(p) for p in dest.fs.ls(marker_dir, detail=False)}
     ours = [s for s in shards if shard_name(s.index) + ".json" in existing]
-    done = set()
-    for s, rec in zip(ours, _markers(dest, [s.index for s in ours]).values(), strict=True):
-        if rec.get("fingerprint") != fingerprint(inv, s, cfg):
+    done = _markers(dest, [s.index for s in ours])
+    for s in ours:
+        if done[s.index].get("fingerprint") != fingerprint(inv, s, cfg):
             raise UserError(
                 f"{dest.url()} holds shards packed from other files or options "
                 f"({shard_name(s.index)} differs); use --overwrite to start over, or another DEST"
             )
-        done.add(s.index)
     return done
 
 

@@ -66,7 +66,7 @@ class MatchConfig:
     overwrite: bool = False
     names: MatchNames = field(default_factory=MatchNames)
     progress: bool = True
-    barrier_timeout_s: float = 6 * 3600
+    barrier_timeout_s: float = dist.BARRIER_TIMEOUT_S
     create_bucket: bool = False
 
 
