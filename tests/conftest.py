@@ -21,6 +21,16 @@ import make_sample_images  # noqa: E402
 # Every file the sample set makes that a user would call an image, and the broken ones.
 VALID = make_sample_images.valid_images()
 BROKEN = make_sample_images.broken_images()
+PHOTOS = [VALID[f"photos/IMG_000{i}.jpg"] for i in range(1, 8)]
+
+
+def folder_with_a_non_utf8_name(folder: Path) -> Path:
+    """`caf\xe9.jpg` (Latin-1 bytes, not UTF-8) and `plain.jpg`, two real photos."""
+    folder.mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as f:
+        f.write(PHOTOS[0])
+    (folder / "plain.jpg").write_bytes(PHOTOS[1])
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, VALID, run_cli
+from conftest import PHOTOS, ROOT, folder_with_a_non_utf8_name, run_cli
 
 from pipeline.shardformat import ustar_header, write_tar
 
 MODEL = ["--model-repo", str(ROOT / "pipeline" / "hub"), "--model-name", "tiny_cnn", "--no-progress"]
-PHOTOS = [VALID[f"photos/IMG_000{i}.jpg"] for i in range(1, 8)]
 
 
 def tar_bytes(members: list[tuple[str | bytes, bytes]]) -> bytes:
@@ -320,11 +319,7 @@ def test_absurd_sizes_are_refused_and_the_pixel_bound_holds(small_shards, tmp_pa
 
 def test_pack_keeps_a_file_name_that_is_not_utf8(tmp_path):
     """Item 7: the name is packed, kept losslessly (escaped) in the JSON, and extracted."""
-    src = tmp_path / "src"
-    src.mkdir()
-    with open(os.path.join(os.fsencode(src), b"caf\xe9.jpg"), "wb") as f:
-        f.write(PHOTOS[0])
-    (src / "plain.jpg").write_bytes(PHOTOS[1])
+    src = folder_with_a_non_utf8_name(tmp_path / "src")
     shards = tmp_path / "shards"
     run_cli("pack", src, shards, "--no-progress")
     with tarfile.open(shards / "shard-000000.tar") as tf:

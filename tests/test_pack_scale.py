@@ -16,9 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import VALID, free_port, run_cli, torchrun
-
-PHOTOS = [VALID[f"photos/IMG_000{i}.jpg"] for i in range(1, 8)]
+from conftest import PHOTOS, folder_with_a_non_utf8_name, free_port, run_cli, torchrun
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
@@ -131,11 +129,7 @@ def test_listed_files_that_are_not_there_are_recorded_and_the_run_goes_on(sample
 
 
 def test_a_list_entry_that_is_not_utf8_is_packed_losslessly(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    with open(os.path.join(os.fsencode(src), b"caf\xe9.jpg"), "wb") as f:
-        f.write(PHOTOS[0])
-    (src / "plain.jpg").write_bytes(PHOTOS[1])
+    src = folder_with_a_non_utf8_name(tmp_path / "src")
     text = tmp_path / "list.txt"
     text.write_bytes(os.fsencode(src) + b"/caf\xe9.jpg\n" + os.fsencode(src) + b"/plain.jpg\n")
     csv = tmp_path / "list.csv"
