@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, reason
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "Extracted",
@@ -44,13 +46,13 @@ __all__ = [
 ]
 
 
-def pack(src: str, dest: str, **options: Any):
+def pack(src: PathLike, dest: PathLike, **options: Any):
     """Image folder, bucket or list of images → WebDataset shards + manifest (see `featpipe pack`);
     options are PackConfig's fields (shard_size, max_shard_bytes, root, path_column, workers, …).
     Returns the PackResult (its `manifest`, shards packed and skipped)."""
     from pipeline.pack.packer import PackConfig, run_pack
 
-    return run_pack(PackConfig(src=src, dest=dest, **options))
+    return run_pack(PackConfig(src=os.fspath(src), dest=os.fspath(dest), **options))
 
 
 @dataclass
@@ -61,8 +63,8 @@ class Extracted:
 
 
 def extract(
-    shards: str,
-    out: str,
+    shards: PathLike,
+    out: PathLike,
     model: str = "dinov2_vits14",
     repo: str = "facebookresearch/dinov2",
     weights: str | None = None,
@@ -78,6 +80,7 @@ def extract(
     from pipeline.extract.run import ExtractConfig, run_extract
     from pipeline.image.transform import TransformConfig
 
+    shards, out = os.fspath(shards), os.fspath(out)
     cfg = ExtractConfig(
         shards=shards,
         out=out,
@@ -91,11 +94,19 @@ def extract(
     return Extracted(result.stats, result.exit_code, files)
 
 
-def load_features(out: str, dtype: str = "float16", mmap: bool = True) -> tuple[np.ndarray, list[str]]:
+def load_features(out: PathLike, dtype: str = "float16", mmap: bool = True) -> tuple[np.ndarray, list[str]]:
     """(N×D features, N source paths) of an extract output: fts.npy memory-mapped (float16, read
     once, as pages are touched), or with dtype="float32" fts.pth's exact values."""
     from pipeline.outdir import OutputNames
 
+    out = os.fspath(out)
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"dtype must be 'float16' (fts.npy) or 'float32' (fts.pth), got {dtype!r}")
+    if not os.path.isdir(out):
+        raise UserError(
+            f"{out} is not an extract output folder; load_features reads fts.npy, fts.pth and img_list.json "
+            "from one (for a bare .npy, use numpy.load)"
+        )
     names = OutputNames()
     try:
         with open(os.path.join(out, names.img_list), encoding="utf-8") as f:
@@ -110,50 +121,64 @@ def load_features(out: str, dtype: str = "float16", mmap: bool = True) -> tuple[
             feats = np.load(os.path.join(out, names.numpy_features), mmap_mode="r" if mmap else None)
     except FileNotFoundError as exc:
         raise UserError(f"{out} has no consolidated features ({exc.filename}); run extract or consolidate") from None
+    except (ValueError, OSError) as exc:
+        raise UserError(
+            f"{out}: its consolidated files are damaged ({reason(exc)}); run featpipe consolidate"
+        ) from None
     if len(feats) != len(paths):
         raise UserError(f"{out}: {len(feats)} feature rows but {len(paths)} paths")
     return feats, paths
 
 
-def match(features: str, out: str, k: int = 10, **options: Any):
+def match(features: PathLike, out: PathLike, k: int = 10, **options: Any):
     """All-vs-all kNN (see `featpipe match`); options are MatchConfig's fields. Returns MatchResult."""
     from pipeline.retrieve.match import MatchConfig, run_match
 
     return run_match(MatchConfig(features, out, k=k, **options))
 
 
-def dedup(features: str, out: str, threshold: float, k: int = 10, linkage: str = "star", **search: Any):
+def dedup(features: PathLike, out: PathLike, threshold: float, k: int = 10, linkage: str = "star", **search: Any):
     """Near-duplicate groups (see `featpipe dedup`). Returns DedupResult (`groups`, `report`, `histogram`)."""
     from pipeline.retrieve.dedup import DedupConfig, run_dedup
 
-    return run_dedup(DedupConfig(features, out, threshold, k, linkage, search))
+    return run_dedup(DedupConfig(os.fspath(features), os.fspath(out), threshold, k, linkage, search))
 
 
 def index(
-    features: str, out: str, index_key: str = "auto", memory_budget: int = 2 * 10**9, overwrite: bool = False
+    features: PathLike,
+    out: PathLike,
+    index_key: str = "auto",
+    memory_budget: int = 2 * 10**9,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> dict:
     """A faiss index (see `featpipe index`); returns index.json's content."""
     from pipeline.retrieve.index import IndexConfig, build_index
 
-    return build_index(IndexConfig(features, out, index_key, memory_budget, overwrite))
+    cfg = IndexConfig(os.fspath(features), os.fspath(out), index_key, memory_budget, overwrite, progress)
+    return build_index(cfg)
 
 
-def query(target: str, queries: list[str], k: int = 10, device: str = "cpu") -> list:
-    """Nearest rows to image files/URLs, keys, paths or .npy vectors (see `featpipe query`); a list of Hit."""
+def query(
+    target: PathLike, queries: PathLike | list[PathLike], k: int = 10, device: str = "cpu", timeout_s: float = 30
+) -> list:
+    """Nearest rows to image files/URLs, keys, paths or .npy vectors (see `featpipe query`): one
+    query or a list of them; returns a list of Hit."""
     from pipeline.retrieve.query import run_query
 
-    return run_query(target, list(queries), k, device)
+    items = [queries] if isinstance(queries, str | os.PathLike) else list(queries)
+    return run_query(os.fspath(target), [os.fspath(q) for q in items], k, device, timeout_s)
 
 
-def show(source: str, page: str, sample: int = 100, thumb: int = 128) -> list[str]:
+def show(source: PathLike, page: PathLike, sample: int = 100, thumb: int = 128, per_page: int = 25) -> list[str]:
     """Static HTML pages of a match or dedup (see `featpipe show`); returns their paths."""
     from pipeline.retrieve.show import run_show
 
-    return run_show(source, page, sample, thumb)
+    return run_show(os.fspath(source), os.fspath(page), sample, thumb, per_page)
 
 
 def dataset(
-    shards: str,
+    shards: PathLike,
     resize_size: int = 256,
     crop_size: int = 224,
     keep_ratio: bool = True,
@@ -172,11 +197,15 @@ def dataset(
     from pipeline.extract.inputs import resolve_shards
     from pipeline.image.transform import TransformConfig
 
-    refs = resolve_shards(shards, group_size)
+    transform = TransformConfig(resize_size, crop_size, keep_ratio, decode)
+    transform.check()
     if decode == "device":
         raise UserError("dataset() decodes in the workers: use decode='fast' or 'exact'")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise UserError(f"--group-size must be at least 1, got {group_size!r}")
+    refs = resolve_shards(os.fspath(shards), group_size)
     from pipeline.dist import DistContext
     from pipeline.extract.dataset import SampleStream
 
     ctx = DistContext.from_env()
-    return SampleStream(refs[ctx.rank :: ctx.world], TransformConfig(resize_size, crop_size, keep_ratio, decode))
+    return SampleStream(refs[ctx.rank :: ctx.world], transform)

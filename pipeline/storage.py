@@ -178,6 +178,18 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
         return json.loads(f.read())
 
 
+def read_valid_json(fs: fsspec.AbstractFileSystem, path: str, remedy: str, keys: tuple[str, ...] = ()) -> Any:
+    """read_json for a file featpipe wrote and a user may have damaged: not JSON, or an object
+    without `keys`, is one line naming the file and what to do."""
+    try:
+        data = read_json(fs, path)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both are
+        raise UserError(f"{path} is damaged (not valid JSON: {first_line(exc)}); {remedy}") from None
+    if keys and (not isinstance(data, dict) or not set(keys) <= set(data)):
+        raise UserError(f"{path} is damaged (not the record featpipe wrote); {remedy}")
+    return data
+
+
 def staging_file(fs: fsspec.AbstractFileSystem, final_path: str) -> str:
     """A local temporary path to build a large file in before `commit_file` publishes it."""
     folder = os.path.dirname(final_path) if isinstance(fs, LocalFileSystem) else None

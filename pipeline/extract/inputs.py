@@ -80,8 +80,13 @@ def folder_as_shards(folder: str, group_size: int) -> list[ShardRef]:
 
 
 def _read_list(loc: Location) -> list[str]:
-    with loc.fs.open(loc.path, "rt") as f:
-        lines = [ln.strip() for ln in f]
+    try:
+        with loc.fs.open(loc.path, "rb") as f:
+            lines = [ln.strip() for ln in f.read().decode("utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{loc.url()} is neither a shard (.tar), a folder, nor a text list of shard URLs (it is not text)"
+        ) from None
     base = posixpath.dirname(loc.path)
     urls = []
     for ln in lines:

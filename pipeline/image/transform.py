@@ -29,6 +29,7 @@ try:
 except ImportError:  # optional (the `fast` extra): Pillow's draft mode stands in
     simplejpeg = None
 
+DECODE_MODES = ("fast", "exact", "device")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,12 +56,14 @@ class TransformConfig:
     def check(self) -> None:
         """Sizes a model can use; an absurd one would make every image try a huge allocation."""
         for flag, value in (("--resize-size", self.resize_size), ("--crop-size", self.crop_size)):
-            if not 1 <= value <= MAX_TRANSFORM_SIZE:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TRANSFORM_SIZE:
                 raise UserError(f"{flag} must be between 1 and {MAX_TRANSFORM_SIZE}, got {value}")
         if self.crop_size > self.resize_size:
             raise UserError(f"--crop-size {self.crop_size} is larger than --resize-size {self.resize_size}")
         if self.max_pixels < 1:
             raise UserError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.mode not in DECODE_MODES:
+            raise UserError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.mode!r}")
 
 
 def crop_uint8(data: bytes, cfg: TransformConfig) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.errors import UserError, first_line
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.features import FeatureSet
-from pipeline.retrieve.knn import ExactSearch, Tiling, normalize
+from pipeline.retrieve.knn import Candidates, ExactSearch, Tiling, normalize, normalize64
 
 log = logging.getLogger("featpipe")
 
@@ -50,27 +50,47 @@ def train_sample(valid_ids: np.ndarray, nlist: int) -> np.ndarray:
     return np.sort(rng.choice(valid_ids, size, replace=False))
 
 
-def build(fs: FeatureSet, valid: np.ndarray, key: str, block: int):
+def build(fs: FeatureSet, valid: np.ndarray, key: str, block: int, progress: bool = False):
     """A faiss index of the valid rows, ids = row numbers: trained on a fixed-seed sample when the
-    layout needs training, filled a block at a time. Raises UserError for a bad description."""
+    layout needs training, filled a block at a time. Raises UserError for a bad description, a
+    layout the data cannot fill, or no usable vector."""
+    from tqdm.auto import tqdm
+
     faiss = load_faiss()
+    valid_ids = np.flatnonzero(valid)
+    if not len(valid_ids):
+        raise UserError(f"{fs.source}: no usable vectors to index (every row is NaN, infinite or all zero)")
     try:
         index = faiss.index_factory(fs.dim, key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise UserError(f"{key!r} is not a faiss index description: {first_line(exc)}") from None
+        raise UserError(f"{key!r} is not a faiss index description: {faiss_message(exc)}") from None
     ivf = faiss.extract_index_ivf(index) if "IVF" in key else None
     if ivf is not None:
         ivf.cp.seed = SEED
-    if not index.is_trained:
-        index.train(normalize(fs.take(train_sample(np.flatnonzero(valid), ivf.nlist if ivf else 256))))
-    if ivf is None:  # only IVF indexes keep ids of their own
-        index = faiss.IndexIDMap2(index)
-    for start in range(0, fs.n, block):
-        stop = min(start + block, fs.n)
-        ids = np.flatnonzero(valid[start:stop]) + start
-        if len(ids):
-            index.add_with_ids(normalize(fs.read(start, stop)[ids - start]), ids.astype(np.int64))
+        if ivf.nlist > len(valid_ids):
+            raise UserError(
+                f"{key!r} has {ivf.nlist} lists to train but {fs.source} holds {len(valid_ids)} usable vectors "
+                f"(faiss wants at least 39 per list): use IVF{max(1, len(valid_ids) // 39)},… or auto"
+            )
+    try:
+        if not index.is_trained:
+            index.train(normalize(fs.take(train_sample(valid_ids, ivf.nlist if ivf else 256))))
+        if not isinstance(index, faiss.IndexIDMap) and ivf is None:  # only IVF indexes keep ids of their own
+            index = faiss.IndexIDMap2(index)
+        for start in tqdm(range(0, fs.n, block), unit="block", desc="index", disable=not progress):
+            stop = min(start + block, fs.n)
+            ids = np.flatnonzero(valid[start:stop]) + start
+            if len(ids):
+                index.add_with_ids(normalize(fs.read(start, stop)[ids - start]), ids.astype(np.int64))
+    except RuntimeError as exc:
+        raise UserError(f"{key!r}: faiss cannot build it from these vectors: {faiss_message(exc)}") from None
     return index
+
+
+def faiss_message(exc: BaseException) -> str:
+    """faiss's C++ message without its source location ("Error in … at file.cpp:275: Error: 'x' failed: …")."""
+    text = first_line(exc)
+    return text.rsplit("failed: ", 1)[-1].split(" at /", 1)[0] if "Error" in text else text
 
 
 def search_parameter(index) -> str | None:
@@ -99,24 +119,47 @@ def tune(index, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, k: int) -> tu
     sample = np.sort(rng.choice(valid_ids, min(TUNE_QUERIES, len(valid_ids)), replace=False))
     queries = normalize(fs.take(sample))
     k = min(k, len(valid_ids))
-    truth = ExactSearch(fs, valid, tiling).candidates(queries, k)
+    exact = ExactSearch(fs, valid, tiling)
+    truth = exact.candidates(queries, k)
     value, limit = (16, 4096) if name == "efSearch" else (1, 1)
     if name == "nprobe":
         limit = load_faiss().extract_index_ivf(index).nlist
     while True:
         set_search_parameter(index, name, value)
-        recall = recall_at(index.search(queries, k)[1], truth)
+        recall = recall_at(fs, queries, index.search(queries, k)[1], truth, exact.error)
         log.debug("%s %s: recall@%d %.4f", name or "exact", value, k, recall)
         if name is None or recall >= RECALL_TARGET or value >= limit:
             return name, (value if name else None), recall
         value = min(value * 2, limit)
 
 
-def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
-    """The share of the true neighbours (ignoring empty slots) that were found."""
+def recall_at(fs: FeatureSet, queries: np.ndarray, found: np.ndarray, truth: Candidates, error: float) -> float:
+    """The share of the true top k that was found, tie-aware: a found row counts when its exact
+    cosine reaches the k-th true score (less the fast search's error), so a row scoring the same as
+    a true neighbour in its place is no miss (on data with many equal vectors, exact ids never
+    match, and nprobe was doubled up to nlist for nothing)."""
     hits = total = 0
-    for f, t in zip(found, truth, strict=True):
-        t = t[t >= 0]
-        hits += len(np.intersect1d(f, t))
-        total += len(t)
+    rows = np.where(found >= 0, found, 0)
+    vecs = normalize64(fs.take(rows.reshape(-1))).reshape(*rows.shape, -1)
+    scores = np.einsum("qd,qkd->qk", normalize64(queries), vecs)
+    for f, s, t_ids, t_s in zip(found, scores, truth.ids, truth.scores, strict=True):
+        wanted = int((t_ids >= 0).sum())
+        if wanted:
+            kth = t_s[t_ids >= 0].min()
+            _, first = np.unique(f, return_index=True)  # a row found twice counts once
+            good = [j for j in first if f[j] >= 0 and s[j] >= kth - error]
+            hits += min(wanted, len(good))
+            total += wanted
     return hits / total if total else 1.0
+
+
+@dataclass(frozen=True)
+class IndexSearch:
+    """A faiss index as a source of candidates, like ExactSearch (approximate: rows tied with the
+    last candidate beyond the index's list are not gathered)."""
+
+    index: object
+
+    def candidates(self, queries: np.ndarray, count: int) -> Candidates:
+        scores, ids = self.index.search(queries, count)
+        return Candidates(np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids)

@@ -5,26 +5,39 @@ star (default): the largest image (then the first row) not yet grouped becomes a
 and takes its neighbours at cosine ≥ T that are not grouped yet: every member is within T of its
 representative, so groups never chain unrelated images. connected: connected components of the
 graph of pairs at ≥ T (can chain: A~B, B~C, A≁C); the representative is chosen the same way.
+
+A row whose k neighbours all reach T may have more: its list is grown to every row at ≥ T by an
+exact scan (for up to EXPAND_LIMIT such rows; past that, dedup.json and the summary say how many
+groups may be incomplete and which -k would gather them), so no duplicate is kept silently.
+
+Scores are exact cosines (float64, stored as float32) compared with T as float32: identical
+images score exactly 1.0, so `--threshold 1.0` groups exact copies.
+
+to_remove.txt holds one path per line, only for paths that a line can carry (valid UTF-8, no line
+break); to_remove.nul holds every path as raw bytes, each ended by NUL, for `xargs -0 rm --`. The
+paths to_remove.txt leaves out are listed in dedup.json.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.retrieve.features import FeatureSet, open_features
-from pipeline.retrieve.knn import NO_MATCH, normalize
+from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
+from pipeline.retrieve.knn import NO_MATCH, ExactSearch, normalize64, plan_tiles, valid_rows
 from pipeline.retrieve.match import MatchConfig, load_neighbors, run_match
-from pipeline.storage import commit_bytes, commit_json, locate
+from pipeline.storage import commit_bytes, commit_json, locate, utf8_json
 
 GROUPS_FILE = "groups.json"
 DUPLICATES_FILE = "duplicates.json"
 REMOVE_FILE = "to_remove.txt"
+REMOVE_NUL_FILE = "to_remove.nul"
 REPORT_FILE = "dedup.json"
+EXPAND_LIMIT = 4096  # rows whose full k neighbours reach T, grown by an exact scan each
 
 
 @dataclass(frozen=True)
@@ -57,20 +70,64 @@ def run_dedup(cfg: DedupConfig) -> DedupResult | None:
         raise UserError(f"--threshold must be a cosine between -1 and 1, got {cfg.threshold}")
     if cfg.linkage not in ("star", "connected"):
         raise UserError(f"--linkage must be star or connected, got {cfg.linkage!r}")
+    if cfg.k < 1:
+        raise UserError(f"-k must be at least 1, got {cfg.k}")
     fs = open_features(cfg.features)
+    require_vectors(fs)
     k = min(cfg.k, fs.n - 1)
     if k < 1:
-        raise UserError(f"{cfg.features} holds {fs.n} vector(s): nothing to compare")
+        raise UserError(f"{fs.source} holds 1 vector: nothing to compare")
     matched = run_match(MatchConfig(cfg.features, cfg.out, k=k, exclude_self=True, **cfg.match))
     if not matched.report:
         return None
     out = locate(cfg.out)
     matches, scores = load_neighbors(out)
+    graph = Neighbours(matches, scores, np.float32(cfg.threshold))
+    capped = graph.grow(fs, cfg.match.get("memory_budget", MatchConfig.memory_budget))
     order = _by_size(fs)
-    groups = (star if cfg.linkage == "star" else connected)(fs, matches, scores, cfg.threshold, order)
+    groups = (star if cfg.linkage == "star" else connected)(fs, graph, order)
     histogram = nearest_histogram(matches, scores)
-    report = _write(out, fs, groups, histogram, cfg, k)
+    report = _write(out, fs, groups, histogram, cfg, k, capped)
     return DedupResult(groups, report, histogram)
+
+
+class Neighbours:
+    """Each row's neighbours at ≥ T, from match's k lists, grown where a list was full."""
+
+    def __init__(self, matches: np.ndarray, scores: np.ndarray, threshold: np.float32):
+        self.matches, self.scores, self.threshold = matches, scores, threshold
+        self.grown: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def capped(self) -> np.ndarray:
+        """Rows whose every one of k slots holds a neighbour at ≥ T: there may be more."""
+        last_m, last_s = self.matches[:, -1], self.scores[:, -1]
+        return np.flatnonzero((last_m != NO_MATCH) & (last_s >= self.threshold))
+
+    def grow(self, fs: FeatureSet, budget: int) -> dict:
+        """Every row at ≥ T for up to EXPAND_LIMIT capped rows (an exact scan); what was left."""
+        rows = self.capped()
+        todo, left = rows[:EXPAND_LIMIT], rows[EXPAND_LIMIT:]
+        if len(todo):
+            tiling = plan_tiles(fs.n, fs.dim, self.matches.shape[1], budget)
+            exact = ExactSearch(fs, valid_rows(fs, tiling.db_rows), tiling)
+            q = normalize64(fs.take(todo))
+            floors = np.full(len(todo), self.threshold - exact.error, np.float32)
+            for row, q64, ids in zip(todo, q, exact.within(q.astype(np.float32), floors), strict=True):
+                ids = ids[ids != row]
+                sims = normalize64(fs.take(ids)) @ q64
+                keep = sims.astype(np.float32) >= self.threshold
+                order = np.lexsort((ids[keep], -sims[keep]))
+                self.grown[int(row)] = (ids[keep][order], sims[keep][order].astype(np.float32))
+        widest = max((len(v[0]) for v in self.grown.values()), default=0)
+        return {"grown": len(todo), "widest": widest, "left_capped": len(left), "left_rows": left[:1000].tolist()}
+
+    def of(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(neighbour rows, scores) at ≥ T, by (score desc, row asc)."""
+        if row in self.grown:
+            return self.grown[row]
+        m, s = self.matches[row], self.scores[row]
+        keep = (m != NO_MATCH) & (s >= self.threshold)
+        return m[keep].astype(np.int64), s[keep]
 
 
 def _by_size(fs: FeatureSet) -> np.ndarray:
@@ -80,27 +137,24 @@ def _by_size(fs: FeatureSet) -> np.ndarray:
     return np.lexsort((np.arange(fs.n), -pixels))
 
 
-def star(fs: FeatureSet, matches: np.ndarray, scores: np.ndarray, threshold: float, order: np.ndarray) -> list[Group]:
-    grouped = np.zeros(len(matches), bool)
+def star(fs: FeatureSet, graph: Neighbours, order: np.ndarray) -> list[Group]:
+    grouped = np.zeros(len(graph.matches), bool)
     groups = []
     for rep in order:
         if grouped[rep]:
             continue
-        nb, sc = matches[rep], scores[rep]
-        pick = [i for i in range(len(nb)) if nb[i] != NO_MATCH and sc[i] >= threshold and not grouped[nb[i]]]
-        if not pick:
+        nb, sc = graph.of(int(rep))
+        pick = ~grouped[nb]
+        if not pick.any():
             continue
-        members = [int(nb[i]) for i in pick]
         grouped[rep] = True
-        grouped[members] = True
-        groups.append(Group(int(rep), [int(rep), *members], [1.0, *(float(sc[i]) for i in pick)]))
+        grouped[nb[pick]] = True
+        groups.append(Group(int(rep), [int(rep), *nb[pick].tolist()], [1.0, *sc[pick].astype(float).tolist()]))
     return sorted(groups, key=lambda g: g.representative)
 
 
-def connected(
-    fs: FeatureSet, matches: np.ndarray, scores: np.ndarray, threshold: float, order: np.ndarray
-) -> list[Group]:
-    parent = np.arange(len(matches))
+def connected(fs: FeatureSet, graph: Neighbours, order: np.ndarray) -> list[Group]:
+    parent = np.arange(len(graph.matches))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -108,22 +162,23 @@ def connected(
             i = parent[i]
         return i
 
-    for i, j in zip(*np.nonzero((scores >= threshold) & (matches != NO_MATCH)), strict=True):
-        a, b = root(i), root(int(matches[i, j]))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
+    for i in range(len(graph.matches)):
+        for j in graph.of(i)[0]:
+            a, b = root(i), root(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
     components: dict[int, list[int]] = {}
-    for i in range(len(matches)):
+    for i in range(len(graph.matches)):
         components.setdefault(root(i), []).append(i)
     groups = []
     for members in components.values():
         if len(members) < 2:
             continue
         rep = min(members, key=lambda m: rank[m])
-        vecs = normalize(fs.take(np.array(members)))
-        sims = vecs.astype(np.float64) @ vecs[members.index(rep)].astype(np.float64)
+        vecs = normalize64(fs.take(np.array(members)))
+        sims = (vecs @ vecs[members.index(rep)]).astype(np.float32)
         ranked = sorted(zip(members, sims, strict=True), key=lambda ms: (ms[0] != rep, -ms[1], ms[0]))
         groups.append(Group(rep, [m for m, _ in ranked], [float(s) for _, s in ranked]))
     return sorted(groups, key=lambda g: g.representative)
@@ -134,7 +189,8 @@ def nearest_histogram(matches: np.ndarray, scores: np.ndarray, bins: int = 20) -
     nearest = scores[:, 0][matches[:, 0] != NO_MATCH] if len(scores) else np.zeros(0)
     if not len(nearest):
         return []
-    low = float(np.floor(nearest.min() * 100) / 100)
+    nearest = np.clip(nearest, -1.0, 1.0)
+    low = min(float(np.floor(nearest.min() * 100) / 100), 0.99)  # all at 1.0: still bins below 1
     counts, edges = np.histogram(nearest, bins=bins, range=(low, 1.0))
     return [
         (round(float(a), 4), round(float(b), 4), int(c)) for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)
@@ -149,7 +205,7 @@ def format_histogram(histogram: list[tuple[float, float, int]], width: int = 40)
     return "\n".join(lines)
 
 
-def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: DedupConfig, k: int) -> dict:
+def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: DedupConfig, k: int, capped: dict) -> dict:
     paths = fs.paths
     name = (lambda r: paths[r]) if paths else str
     records = [
@@ -163,9 +219,11 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
     ]
     duplicates = {name(m): [name(o) for o in g.members if o != m] for g in groups for m in g.members}
     removed = sorted(m for g in groups for m in g.members[1:])
+    lines, left_out = removal_lists([name(r) for r in removed])
     commit_json(out.fs, out.join(GROUPS_FILE), records)
-    commit_bytes(out.fs, out.join(DUPLICATES_FILE), json.dumps(duplicates, indent=1, ensure_ascii=False).encode())
-    commit_bytes(out.fs, out.join(REMOVE_FILE), "".join(f"{name(r)}\n" for r in removed).encode())
+    commit_bytes(out.fs, out.join(DUPLICATES_FILE), utf8_json(duplicates, indent=1))
+    commit_bytes(out.fs, out.join(REMOVE_FILE), lines)
+    commit_bytes(out.fs, out.join(REMOVE_NUL_FILE), b"".join(os.fsencode(name(r)) + b"\0" for r in removed))
     report = {
         "featpipe_version": __version__,
         "threshold": cfg.threshold,
@@ -175,6 +233,17 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
         "groups": len(groups),
         "images_in_groups": sum(len(g.members) for g in groups),
         "to_remove": len(removed),
+        "not_in_to_remove_txt": {
+            "count": len(left_out),
+            "paths": left_out,
+            "why": "a line break in the name, or a name that is not valid UTF-8: a line of text cannot hold it "
+            f"exactly; {REMOVE_NUL_FILE} has every path as raw bytes (xargs -0)",
+        },
+        "capped_lists": {
+            **capped,
+            "why": f"rows whose {k} neighbours all reached the threshold; grown to every row at ≥ T by an exact "
+            f"scan, up to {EXPAND_LIMIT}; left_capped groups may be incomplete: rerun with a larger -k",
+        },
         "representative_rule": "largest image, then first row" if fs.sizes else "first row (image sizes unknown)",
         "nearest_neighbour_histogram": histogram,
     }
@@ -182,12 +251,46 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
     return report
 
 
+def removal_lists(paths: list[str]) -> tuple[bytes, list[str]]:
+    """to_remove.txt's bytes (one path a line, each line exactly one path) and the paths a line
+    cannot hold exactly: a line break splits it into two lines, each of which could name another
+    file; a name that is not valid UTF-8 (decoded with surrogates) would be written as text that
+    names no file at all."""
+    lines, left_out = [], []
+    for p in paths:
+        try:
+            encoded = p.encode("utf-8")
+        except UnicodeEncodeError:
+            left_out.append(p)
+            continue
+        if "\n" in p or "\r" in p:
+            left_out.append(p)
+        else:
+            lines.append(encoded + b"\n")
+    return b"".join(lines), left_out
+
+
 def summary(result: DedupResult | None, out: str) -> str:
     if result is None:
         return "this rank's blocks are done; rank 0 groups"
     r = result.report
-    return (
+    lines = [
         f"{format_histogram(result.histogram)}\n{r['groups']} groups ({r['linkage']}, cosine ≥ {r['threshold']}): "
         f"{r['images_in_groups']} images, {r['to_remove']} to remove → {out}/{GROUPS_FILE}, {DUPLICATES_FILE}, "
-        f"{REMOVE_FILE}"
-    )
+        f"{REMOVE_FILE}, {REMOVE_NUL_FILE}"
+    ]
+    capped = r["capped_lists"]
+    if capped["grown"]:
+        lines.append(f"{capped['grown']} rows had all {r['k']} neighbours at ≥ T: grown by an exact scan")
+    if capped["left_capped"]:
+        lines.append(
+            f"warning: {capped['left_capped']} more rows had all {r['k']} neighbours at ≥ T and were not grown; "
+            f"their groups may be incomplete: rerun with -k {max(2 * r['k'], capped['widest'] + 1)} or more"
+        )
+    left = r["not_in_to_remove_txt"]["count"]
+    if left:
+        lines.append(
+            f"note: {left} paths cannot be written as one line; they are in {REMOVE_NUL_FILE} (and listed in "
+            f"{REPORT_FILE}), not in {REMOVE_FILE}"
+        )
+    return "\n".join(lines)

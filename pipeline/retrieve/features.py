@@ -18,6 +18,8 @@ from pipeline.errors import UserError, first_line
 from pipeline.outdir import CHUNKS, RUN_FILE, OutputNames, load_run
 from pipeline.storage import locate
 
+_HASH_BLOCK = 16 << 20
+
 
 @dataclass(frozen=True)
 class FeatureSet:
@@ -59,14 +61,27 @@ class FeatureSet:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Shape, type and a sample of rows: enough to tell one FEATURES from another without reading all."""
+        """SHA-256 of the shape, type and every byte of the vectors: a result made from these
+        features is reused only for the same bytes (a sample of rows once let a changed row through).
+        Costs one read of the file: 0.7 s for 1M × 384 float16 (768 MB) from the page cache here."""
         h = hashlib.sha256(f"{self.n}x{self.dim}:{self.dtype.str}".encode())
-        step = max(1, self.n // 64)
-        for start in range(0, self.n, step):
-            h.update(self.read(start, min(start + 1, self.n)).tobytes())
-        if self.n:
-            h.update(self.read(self.n - 1, self.n).tobytes())
-        return h.hexdigest()[:16]
+        if self.tensor is not None:
+            import torch
+
+            data = memoryview(self.tensor.reshape(-1).view(torch.uint8).numpy())
+            for start in range(0, len(data), _HASH_BLOCK):
+                h.update(data[start : start + _HASH_BLOCK])
+        else:
+            with open(self.file, "rb") as f:
+                f.seek(self.offset)
+                left = self.n * self.dim * self.dtype.itemsize
+                while left:
+                    block = f.read(min(left, _HASH_BLOCK))
+                    if not block:
+                        raise UserError(f"{self.file} is shorter than its header says; it may be truncated")
+                    h.update(block)
+                    left -= len(block)
+        return "sha256:" + h.hexdigest()
 
     @cached_property
     def paths(self) -> list[str] | None:
@@ -127,8 +142,9 @@ class FeatureSet:
         return columns
 
 
-def open_features(spec: str) -> FeatureSet:
+def open_features(spec: str | os.PathLike) -> FeatureSet:
     """FEATURES as the user gave it; one clear line when it is not usable."""
+    spec = os.fspath(spec)
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, RUN_FILE)):
             raise UserError(
@@ -175,12 +191,14 @@ def _from_pth(path: str) -> FeatureSet:
         raise UserError(f"{path} holds {what}, not a float tensor of features")
     n, dim = _shape(path, tuple(tensor.shape))
     dtype = np.dtype(np.float16 if tensor.dtype == torch.float16 else np.float32)
-    return FeatureSet(path, path, n, dim, dtype, 0, None, tensor.contiguous())
+    return FeatureSet(path, path, n, dim, dtype, 0, None, tensor.detach().contiguous())  # saved with requires_grad
 
 
 def _shape(path: str, shape: tuple) -> tuple[int, int]:
     if len(shape) != 2:
         raise UserError(f"{path} holds an array of shape {shape}; features must be N×D")
+    if shape[1] == 0:
+        raise UserError(f"{path} holds {shape[0]} vectors of 0 dimensions: nothing to compare")
     return int(shape[0]), int(shape[1])
 
 
@@ -192,3 +210,9 @@ def _checked(fs: FeatureSet, fortran: bool, size: int) -> FeatureSet:
     if size < fs.offset + fs.n * fs.dim * fs.dtype.itemsize:
         raise UserError(f"{fs.file} is shorter than its header says ({fs.n}×{fs.dim}); it may be truncated")
     return fs
+
+
+def require_vectors(fs: FeatureSet) -> None:
+    """A search needs something to search: one line for an empty FEATURES (not "k must be 1 to 0")."""
+    if fs.n == 0:
+        raise UserError(f"{fs.source} holds no vectors (0×{fs.dim})")

@@ -20,7 +20,7 @@ from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.outdir import load_run
 from pipeline.retrieve import ann, load_faiss
-from pipeline.retrieve.features import FeatureSet, open_features
+from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
 from pipeline.retrieve.knn import plan_tiles, valid_rows
 from pipeline.storage import commit_file, commit_json, ensure_writable, locate, read_json, staging_file
 
@@ -41,6 +41,7 @@ class IndexConfig:
     index_key: str = "auto"
     memory_budget: int = 2 * 10**9
     overwrite: bool = False
+    progress: bool = True
 
 
 def choose_key(n: int, dim: int, budget: int) -> str:
@@ -54,6 +55,7 @@ def choose_key(n: int, dim: int, budget: int) -> str:
 
 def build_index(cfg: IndexConfig) -> dict:
     fs = open_features(cfg.features)
+    require_vectors(fs)
     key = choose_key(fs.n, fs.dim, cfg.memory_budget) if cfg.index_key == "auto" else cfg.index_key
     tiling = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget)
     out = locate(cfg.index)
@@ -62,7 +64,7 @@ def build_index(cfg: IndexConfig) -> dict:
     ensure_writable(out)
     valid = valid_rows(fs, tiling.db_rows)
     try:
-        index = ann.build(fs, valid, key, tiling.db_rows)
+        index = ann.build(fs, valid, key, tiling.db_rows, cfg.progress)
     except UserError as exc:
         raise UserError(f"--index-key {exc}") from None
     param, value, recall = ann.tune(index, fs, valid, tiling, 10)

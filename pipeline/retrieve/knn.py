@@ -3,8 +3,11 @@ blocks, with a running top-k merge, so memory is bounded by the tile sizes whate
 
 Candidates come from a fast product (faiss's BLAS inner products on the CPU, torch on a GPU, where
 fp16 products are fine for finding candidates); the scores written are always recomputed exactly
-(float64 sums of float32 products) and the neighbours sorted by (score desc, row asc), so the
-output bytes do not depend on BLAS blocking, thread counts, devices or how the work was split.
+(vectors normalised and multiplied in float64) and the neighbours sorted by (score desc, row asc),
+so the output bytes do not depend on BLAS blocking, thread counts, devices or how the work was
+split. Where the candidate list may have been cut inside a run of (near-)equal scores, the exact
+search gathers every row within the fast product's error of the k-th score before sorting, so ties
+are settled by row number, never by which tile or thread saw a row first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from pipeline.units import format_bytes
 NO_MATCH = np.iinfo(np.uint32).max  # a neighbour slot with no vector (an invalid row, or k > valid rows)
 CANDIDATE_MARGIN = 2  # extra candidates per query, so near-ties are settled by the exact scores
 _RESCORE_ROWS = 256  # queries re-scored at a time: (256 × k × D) float64 stays a few MB
+# How far a fast candidate score may be from the exact cosine: float32 BLAS products of unit vectors
+# are off by ~1e-6 at D = 1024; fp16 products on a GPU (inputs and output rounded to 11 bits) by
+# ~1.5e-3. A query whose last candidate scores within this of its k-th exact score may have more
+# rows tied at the boundary than the list holds: those are gathered exactly (`ExactSearch.within`).
+FAST_SCORE_ERROR = {"cpu": 1e-4, "cuda": 4e-3}
 
 
 @dataclass(frozen=True)
@@ -33,24 +41,43 @@ class Tiling:
         return {"query_rows": self.query_rows}
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Per query, up to `count` rows from a fast search and their fast scores (-1 / -inf where none)."""
+
+    scores: np.ndarray  # float32 (Q, count)
+    ids: np.ndarray  # int64 (Q, count)
+
+
 def plan_tiles(n: int, dim: int, k: int, budget: int) -> Tiling:
     """Half the budget for a database tile, a quarter for the query block and its candidates (the
     rest is for faiss's own 16 MB distance buffer and the merge)."""
+    if dim < 1:
+        raise UserError("the features have 0 dimensions: nothing to compare")
     row_bytes = dim * 4
+    query_row_bytes = row_bytes + (k + CANDIDATE_MARGIN) * 2 * 12
     db_rows = min(n, budget // 2 // row_bytes)
-    query_rows = min(n, budget // 4 // (row_bytes + (k + CANDIDATE_MARGIN) * 2 * 12), 65536)
+    query_rows = min(n, budget // 4 // query_row_bytes, 65536)
     if db_rows < min(n, 1024) or query_rows < min(n, 64):
-        need = (2 * min(n, 1024) + 4 * min(n, 64)) * row_bytes
+        need = max(2 * min(n, 1024) * row_bytes, 4 * min(n, 64) * query_row_bytes)
         raise UserError(
-            f"--memory-budget {format_bytes(budget)} is too small for one tile of {dim}-dim vectors; "
-            f"give at least {format_bytes(need)}"
+            f"--memory-budget {format_bytes(budget)} is too small for one tile of {dim}-dim vectors "
+            f"with k = {k}; give at least {format_bytes(need)}"
         )
     return Tiling(max(1, query_rows), max(1, db_rows))
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    """L2-normalised float32 rows (faiss.normalize_L2's arithmetic); zero rows stay zero."""
+    """L2-normalised float32 rows (faiss.normalize_L2's arithmetic), for the fast search; zero rows stay zero."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
+    return x / np.where(norms > 0, norms, 1)[:, None]
+
+
+def normalize64(x: np.ndarray) -> np.ndarray:
+    """L2-normalised float64 rows, for exact scores: a vector scores exactly 1.0 with itself once
+    rounded to float32 (normalised in float32 it scored 0.99999994); zero rows stay zero."""
+    x = np.asarray(x, np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     return x / np.where(norms > 0, norms, 1)[:, None]
 
 
@@ -68,20 +95,37 @@ class ExactSearch:
 
     def __init__(self, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, device: str = "cpu"):
         self.fs, self.valid, self.tiling, self.device = fs, valid, tiling, device
+        self.error = FAST_SCORE_ERROR["cpu" if device == "cpu" else "cuda"]
         self._resident: dict[int, object] = {}  # database tiles kept on the GPU when they all fit
 
-    def candidates(self, queries: np.ndarray, count: int) -> np.ndarray:
-        """Row ids (int64, -1 where none) of up to `count` most similar valid rows per query."""
+    def candidates(self, queries: np.ndarray, count: int) -> Candidates:
+        """Up to `count` most similar valid rows per query (normalised float32 queries)."""
         best_s = np.full((len(queries), count), -np.inf, np.float32)
         best_i = np.full((len(queries), count), -1, np.int64)
+        for start, stop, ids in self._tiles():
+            s, i = self._tile(queries, start, stop, ids, min(count, len(ids)))
+            best_s, best_i = _merge(best_s, best_i, s, ids[i], count)
+        return Candidates(best_s, best_i)
+
+    def within(self, queries: np.ndarray, floors: np.ndarray) -> list[np.ndarray]:
+        """Per query, every valid row whose float32 score reaches its floor (all of a run of ties,
+        however long). Queries go a few at a time: their score rows stay under the database tile."""
+        step = max(1, self.fs.dim // 2)
+        found: list[list[np.ndarray]] = [[] for _ in queries]
+        for start, stop, ids in self._tiles():
+            db = normalize(self.fs.read(start, stop)[ids - start])
+            for q0 in range(0, len(queries), step):
+                s = queries[q0 : q0 + step] @ db.T
+                for j, row in enumerate(s >= floors[q0 : q0 + step, None]):
+                    found[q0 + j].append(ids[row])
+        return [np.concatenate(f) if f else np.zeros(0, np.int64) for f in found]
+
+    def _tiles(self):
         for start in range(0, self.fs.n, self.tiling.db_rows):
             stop = min(start + self.tiling.db_rows, self.fs.n)
             ids = np.flatnonzero(self.valid[start:stop]) + start
-            if not len(ids):
-                continue
-            s, i = self._tile(queries, start, stop, ids, min(count, len(ids)))
-            best_s, best_i = _merge(best_s, best_i, s, ids[i], count)
-        return best_i
+            if len(ids):
+                yield start, stop, ids
 
     def _tile(
         self, queries: np.ndarray, start: int, stop: int, ids: np.ndarray, k: int
@@ -134,32 +178,78 @@ def _merge(
 
 
 def finish_rows(
-    fs: FeatureSet, query_ids: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int, self_match: str
+    fs: FeatureSet,
+    query_ids: np.ndarray,
+    queries: np.ndarray,
+    cand: Candidates,
+    k: int,
+    self_match: str,
+    exact: ExactSearch | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact scores for the candidates, sorted by (score desc, row asc), the query itself placed by
-    identity: `self_match` is "first" (feature-matcher's layout: the vector itself at rank 0),
-    "exclude" (never listed) or "keep" (a query from outside the set). Returns (ids uint32, scores
-    float32), NO_MATCH / NaN where fewer than k neighbours exist."""
+    """Exact scores for the candidates of `queries` (raw rows, any scale), sorted by (score desc,
+    row asc), the query itself placed by identity: `self_match` is "first" (feature-matcher's
+    layout: the vector itself at rank 0), "exclude" (never listed) or "keep" (a query from outside
+    the set). With `exact`, rows tied at the k-th score beyond the candidate list are gathered, so
+    the result is the exact top k whatever the list's cut. Returns (ids uint32, scores float32),
+    NO_MATCH / NaN where fewer than k neighbours exist."""
     n = len(query_ids)
     out_i = np.full((n, k), NO_MATCH, np.uint32)
     out_s = np.full((n, k), np.nan, np.float32)
+    need = k - 1 if self_match == "first" else k  # neighbours besides the query itself
     for start in range(0, n, _RESCORE_ROWS):
         stop = min(start + _RESCORE_ROWS, n)
-        ids = cand[start:stop]
-        if self_match != "keep":
-            ids = np.where(ids == query_ids[start:stop, None], -1, ids)  # by identity, not by position
-        vecs = normalize(fs.take(np.where(ids >= 0, ids, 0).reshape(-1))).reshape(*ids.shape, fs.dim)
-        q = queries[start:stop].astype(np.float64)
-        scores = np.einsum("qd,qkd->qk", q, vecs.astype(np.float64))
-        scores = np.where(ids >= 0, scores, -np.inf)
-        order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores), axis=1)
-        ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+        qid, q = query_ids[start:stop], normalize64(queries[start:stop])
+        ids, scores = _ranked(fs, q, cand.ids[start:stop], qid, self_match)
+        if exact is not None and need > 0:
+            ids, scores = _settle_ties(fs, exact, q, qid, cand.scores[start:stop], ids, scores, need, self_match)
         if self_match == "first":
-            self_s = np.einsum("qd,qd->q", q, q)
-            ids = np.concatenate([query_ids[start:stop, None], ids], axis=1)
-            scores = np.concatenate([self_s[:, None], scores], axis=1)
+            ids = np.concatenate([qid[:, None], ids], axis=1)
+            scores = np.concatenate([np.einsum("qd,qd->q", q, q)[:, None], scores], axis=1)
         width = min(k, ids.shape[1])
         found = ids[:, :width] >= 0
         out_i[start:stop, :width] = np.where(found, ids[:, :width], NO_MATCH)
         out_s[start:stop, :width] = np.where(found, scores[:, :width], np.nan)
     return out_i, out_s
+
+
+def _ranked(
+    fs: FeatureSet, q: np.ndarray, ids: np.ndarray, qid: np.ndarray, self_match: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (-1 = none) with exact float64 scores, by (score desc, row asc); the query's own
+    row dropped unless `self_match` is "keep"."""
+    if self_match != "keep":
+        ids = np.where(ids == qid[:, None], -1, ids)  # by identity, not by position
+    vecs = normalize64(fs.take(np.where(ids >= 0, ids, 0).reshape(-1))).reshape(*ids.shape, fs.dim)
+    scores = np.where(ids >= 0, np.einsum("qd,qkd->qk", q, vecs), -np.inf)
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores), axis=1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def _settle_ties(
+    fs: FeatureSet,
+    exact: ExactSearch,
+    q: np.ndarray,
+    qid: np.ndarray,
+    fast: np.ndarray,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    need: int,
+    self_match: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows left out of a full candidate list score at most its last fast score, so when that is
+    more than the fast error below the `need`-th exact score, nothing tied was cut. Otherwise every
+    row within the error of that score is gathered by a scan and all are ranked exactly."""
+    kth = scores[:, need - 1]
+    full = np.isfinite(fast).all(axis=1)
+    unsure = np.flatnonzero(full & np.isfinite(kth) & (fast.min(axis=1, initial=np.inf) >= kth - exact.error))
+    if not len(unsure):
+        return ids, scores
+    floors = (kth[unsure] - exact.error).astype(np.float32)
+    gathered = exact.within(q[unsure].astype(np.float32), floors)
+    width = max(ids.shape[1], *(len(g) for g in gathered))
+    wide = np.full((len(ids), width), -1, np.int64)
+    wide[:, : ids.shape[1]] = ids
+    for j, rows in zip(unsure, gathered, strict=True):
+        wide[j, : len(rows)] = rows
+        wide[j, len(rows) :] = -1
+    return _ranked(fs, q, wide, qid, self_match)

@@ -13,7 +13,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -21,8 +21,16 @@ from pipeline import __version__, dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.retrieve import ann, load_faiss
-from pipeline.retrieve.features import FeatureSet, open_features
-from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, Tiling, finish_rows, normalize, plan_tiles, valid_rows
+from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
+from pipeline.retrieve.knn import (
+    CANDIDATE_MARGIN,
+    ExactSearch,
+    Tiling,
+    finish_rows,
+    normalize,
+    plan_tiles,
+    valid_rows,
+)
 from pipeline.storage import (
     Location,
     commit_bytes,
@@ -31,6 +39,7 @@ from pipeline.storage import (
     ensure_writable,
     locate,
     read_json,
+    read_valid_json,
     remove_stale_temps,
     staging_file,
 )
@@ -52,6 +61,19 @@ EXACT_WORK_GPU = 5e15
 class MatchNames:
     matches: str = "matches.npy"
     scores: str = "scores.npy"
+
+    def checked(self) -> MatchNames:
+        """File names inside OUT, `.npy` added where missing (as the original matcher's np.save
+        did), and two different files."""
+        names = {}
+        for flag, name in (("--numpy-matches", self.matches), ("--numpy-similarity-scores", self.scores)):
+            if not name or "/" in name or name.startswith("."):
+                raise UserError(f"{flag} {name!r} must be a plain file name inside OUT, not a path or a hidden name")
+            names[flag] = name if name.endswith(".npy") else name + ".npy"
+        matches, scores = names.values()
+        if matches == scores:
+            raise UserError(f"--numpy-matches and --numpy-similarity-scores both name {matches}; give two names")
+        return MatchNames(matches, scores)
 
 
 @dataclass(frozen=True)
@@ -78,6 +100,7 @@ class MatchResult:
 
 def run_match(cfg: MatchConfig) -> MatchResult:
     t0 = time.perf_counter()
+    cfg = replace(cfg, features=os.fspath(cfg.features), out=os.fspath(cfg.out), names=cfg.names.checked())
     fs = open_features(cfg.features)
     _validate(cfg, fs)
     ctx = dist.DistContext.from_env()
@@ -85,6 +108,7 @@ def run_match(cfg: MatchConfig) -> MatchResult:
     method = _pick_method(cfg.method, fs, device)
     tiling = plan_tiles(fs.n, fs.dim, cfg.k + 1, cfg.memory_budget)
     out = locate(cfg.out)
+    _check_outputs(cfg.names, fs, out)
     ensure_writable(out, cfg.create_bucket)
     plan = {
         "features": fs.fingerprint,
@@ -127,12 +151,26 @@ def run_match(cfg: MatchConfig) -> MatchResult:
 def _validate(cfg: MatchConfig, fs: FeatureSet) -> None:
     if cfg.method not in ("auto", "exact", "ivf"):
         raise UserError(f"--method must be auto, exact or ivf, got {cfg.method!r}")
+    require_vectors(fs)
     usable = fs.n - 1 if cfg.exclude_self else fs.n
     if cfg.k < 1 or cfg.k > usable:
         raise UserError(
             f"-k {cfg.k} but {cfg.features} holds {fs.n} vectors"
             f"{' (the query itself excluded)' if cfg.exclude_self else ''}: k must be 1 to {usable}"
         )
+
+
+def _check_outputs(names: MatchNames, fs: FeatureSet, out: Location) -> None:
+    """Never write over the input: OUT is not the features folder (whose fts.npy, img_list.json and
+    chunks a matches.npy beside them would also confuse embedding readers globbing *.npy), and no
+    output file is the features file itself."""
+    if not out.is_local:
+        return
+    if fs.folder and os.path.realpath(fs.folder) == os.path.realpath(out.path):
+        raise UserError(f"OUT {out.path} is the features folder itself; give the results a folder of their own")
+    for name in (names.matches, names.scores):
+        if os.path.realpath(out.join(name)) == os.path.realpath(fs.file):
+            raise UserError(f"{out.join(name)} is the features file itself; name the output otherwise")
 
 
 def _pick_method(requested: str, fs: FeatureSet, device: str) -> str:
@@ -160,7 +198,7 @@ def _prepare_out(out: Location, plan: dict, cfg: MatchConfig, ctx: dist.DistCont
                 if out.fs.exists(out.join(name)):
                     out.fs.rm(out.join(name), recursive=True)
         if out.fs.exists(path):
-            old = read_json(out.fs, path)
+            old = read_valid_json(out.fs, path, "use --overwrite to start this OUT again")
             if old != plan:
                 changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
                 raise UserError(
@@ -183,11 +221,10 @@ def _searcher(
     ctx: dist.DistContext,
     timings: dict,
 ):
-    """A function queries → candidate ids, and what the report should say about it."""
-    count = cfg.k + 1 + CANDIDATE_MARGIN  # the query itself may take a slot
+    """The search (an ExactSearch, or an IVF index behind the same `candidates`), and what the
+    report should say about it."""
     if method == "exact":
-        exact = ExactSearch(fs, valid, tiling, device)
-        return (lambda q: exact.candidates(q, count)), {}
+        return ExactSearch(fs, valid, tiling, device), {}
     faiss = load_faiss()
 
     choice = ann.choose(fs.n, fs.dim, cfg.memory_budget)
@@ -214,7 +251,7 @@ def _searcher(
         "recall_sample": min(ann.TUNE_QUERIES, int(valid.sum())),
     }
     log.info("IVF index %s, nprobe %d: estimated recall@%d %.3f", choice.factory, nprobe, cfg.k, recall)
-    return (lambda q: index.search(q, count)[1]), extra
+    return ann.IndexSearch(index), extra
 
 
 def _block_path(out: Location, start: int, what: str) -> str:
@@ -237,6 +274,8 @@ def _search_blocks(
     todo = [s for s in starts if f"{s:012d}.matches.npy" not in done]
     log.info("%d of this rank's %d query blocks to do (%d rows each)", len(todo), len(starts), tiling.query_rows)
     self_match = "exclude" if cfg.exclude_self else "first"
+    count = cfg.k + 1 + CANDIDATE_MARGIN  # the query itself may take a slot
+    exact = search if isinstance(search, ExactSearch) else None
     with tqdm(
         total=len(todo), unit="block", desc=f"match[{ctx.rank}]" if ctx.active else "match", disable=not cfg.progress
     ) as bar:
@@ -247,8 +286,9 @@ def _search_blocks(
             matches = np.full((len(ids), cfg.k), np.iinfo(np.uint32).max, np.uint32)
             scores = np.full((len(ids), cfg.k), np.nan, np.float32)
             if ok.any():
-                q = normalize(fs.read(start, stop)[ok])
-                m, s = finish_rows(fs, ids[ok], q, search(q), cfg.k, self_match)
+                q = fs.read(start, stop)[ok]
+                cand = search.candidates(normalize(q), count)
+                m, s = finish_rows(fs, ids[ok], q, cand, cfg.k, self_match, exact)
                 matches[ok], scores[ok] = m, s
             commit_bytes(out.fs, _block_path(out, start, "scores"), _npy(scores))
             commit_bytes(out.fs, _block_path(out, start, "matches"), _npy(matches))  # last: the block's commit
@@ -270,7 +310,7 @@ def _load_block(out: Location, start: int, what: str) -> np.ndarray:
 def load_neighbors(out: Location) -> tuple[np.ndarray, np.ndarray]:
     """A finished match's neighbours (uint32) and their exact float32 scores, from its blocks
     (scores.npy holds them rounded to float16, as the original matcher saves them)."""
-    plan = read_json(out.fs, out.join(PLAN_FILE))
+    plan = read_valid_json(out.fs, out.join(PLAN_FILE), "run featpipe match into it again with --overwrite")
     starts = range(0, plan["n"], plan["query_rows"])
     matches = (
         np.concatenate([_load_block(out, s, "matches") for s in starts]) if plan["n"] else np.zeros((0, plan["k"]))

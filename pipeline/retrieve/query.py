@@ -12,13 +12,21 @@ from functools import cached_property
 import numpy as np
 
 from pipeline.errors import UserError, reason
+from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import load_run
 from pipeline.retrieve import load_faiss
-from pipeline.retrieve.ann import set_search_parameter
-from pipeline.retrieve.features import open_features
+from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
+from pipeline.retrieve.features import open_features, require_vectors
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
-from pipeline.retrieve.knn import CANDIDATE_MARGIN, ExactSearch, finish_rows, normalize, plan_tiles, valid_rows
-from pipeline.storage import locate, read_json
+from pipeline.retrieve.knn import (
+    CANDIDATE_MARGIN,
+    ExactSearch,
+    finish_rows,
+    normalize,
+    plan_tiles,
+    valid_rows,
+)
+from pipeline.storage import locate, read_valid_json
 
 
 @dataclass(frozen=True)
@@ -32,16 +40,25 @@ class Hit:
 
 
 class Target:
-    """What the queries are searched in: a built index, or FEATURES searched exactly."""
+    """What the queries are searched in: a built index, or FEATURES searched exactly. An index's
+    features are used (for exact scores and keys) only when they hold the bytes it was built from."""
 
     def __init__(self, spec: str):
         self.spec = spec
         self.meta = None
         if os.path.isfile(os.path.join(spec, META_FILE)):
-            self.meta = read_json(locate(spec).fs, os.path.join(spec, META_FILE))
+            remedy = f"rebuild it: featpipe index FEATURES {spec} --overwrite"
+            keys = ("dim", "n", "features", "features_fingerprint", "search_parameter", "value")
+            self.meta = read_valid_json(locate(spec).fs, os.path.join(spec, META_FILE), remedy, keys)
             self.features = open_features(self.meta["features"]) if os.path.exists(self.meta["features"]) else None
+            if self.features is not None and self.features.fingerprint != self.meta["features_fingerprint"]:
+                raise UserError(
+                    f"the features at {self.meta['features']} changed since the index {spec} was built from them; "
+                    f"{remedy}"
+                )
         else:
             self.features = open_features(spec)
+            require_vectors(self.features)
 
     @property
     def dim(self) -> int:
@@ -68,39 +85,68 @@ class Target:
     def _index(self):
         faiss = load_faiss()
 
-        index = faiss.read_index(os.path.join(self.spec, INDEX_FILE))
+        try:
+            index = faiss.read_index(os.path.join(self.spec, INDEX_FILE))
+        except RuntimeError as exc:
+            raise UserError(
+                f"{os.path.join(self.spec, INDEX_FILE)} is not a readable faiss index ({faiss_message(exc)}); "
+                f"rebuild it: featpipe index FEATURES {self.spec} --overwrite"
+            ) from None
+        if index.ntotal > self.meta["n"] or index.d != self.meta["dim"]:
+            raise UserError(f"{self.spec}: index.faiss does not match index.json; rebuild it with --overwrite")
         set_search_parameter(index, self.meta["search_parameter"], self.meta["value"])
         return index
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw query rows → (row ids, -1 where none; exact cosines)."""
         count = k + CANDIDATE_MARGIN
+        exact = None
         if self.meta:
-            cand = self._index.search(queries, count)[1]
+            cand = IndexSearch(self._index).candidates(normalize(queries), count)
             if self.features is None:  # the stored vectors are gone: the index's own scores
-                scores, ids = self._index.search(queries, k)
-                return ids, scores
+                return cand.ids[:, :k], np.where(cand.ids[:, :k] >= 0, cand.scores[:, :k], np.nan)
         else:
             fs = self.features
             tiling = plan_tiles(fs.n, fs.dim, count, 2 * 10**9)
-            cand = ExactSearch(fs, valid_rows(fs, tiling.db_rows), tiling).candidates(queries, count)
+            exact = ExactSearch(fs, valid_rows(fs, tiling.db_rows), tiling)
+            cand = exact.candidates(normalize(queries), count)
         no_identity = np.full(len(queries), -1)
-        ids, scores = finish_rows(self.features, no_identity, queries, cand, k, "keep")
+        ids, scores = finish_rows(self.features, no_identity, queries, cand, k, "keep", exact)
         return np.where(ids == np.iinfo(np.uint32).max, -1, ids.astype(np.int64)), scores
 
     def vector_of(self, row: int) -> np.ndarray:
-        if self.features is None:
-            return self._index.reconstruct(row)[None, :]
+        if self.features is None:  # the index's own copy: IVF needs its direct map built for that
+            faiss = load_faiss()
+            try:
+                ivf = faiss.extract_index_ivf(self._index) if "IVF" in self.meta["index_key"] else None
+                if ivf is not None:
+                    ivf.make_direct_map()
+                return self._index.reconstruct(row)[None, :]
+            except RuntimeError as exc:
+                raise UserError(
+                    f"{self.spec}: its features moved from {self.meta['features']} and this index cannot give "
+                    f"back a stored vector ({faiss_message(exc)}); query with an image or vectors"
+                ) from None
         return self.features.read(row, row + 1)
 
 
-def run_query(target_spec: str, queries: list[str], k: int, device: str = "cpu") -> list[Hit]:
+def run_query(
+    target_spec: str | os.PathLike,
+    queries: list[str],
+    k: int,
+    device: str = "cpu",
+    timeout_s: float = 30,
+) -> list[Hit]:
+    if k < 1:
+        raise UserError(f"-k must be at least 1, got {k}")
+    target_spec = os.fspath(target_spec)
     target = Target(target_spec)
     labels, vectors = [], []
     embedder = None
     keys, paths = target.ids
     lookup = {v: i for i, v in enumerate(keys) if v is not None} | {v: i for i, v in enumerate(paths) if v is not None}
     for q in queries:
-        if q.endswith(".npy"):
+        if q.endswith(".npy") and not is_url(q):
             rows = _npy_queries(q)
             labels += [f"{q}[{i}]" for i in range(len(rows))]
             vectors.append(rows)
@@ -111,11 +157,15 @@ def run_query(target_spec: str, queries: list[str], k: int, device: str = "cpu")
             if embedder is None:
                 embedder = Embedder(target.embedder, target_spec, device)
             labels.append(q)
-            vectors.append(embedder(q))
+            vectors.append(embedder(q, timeout_s))
     x = np.concatenate(vectors).astype(np.float32)
     if x.shape[1] != target.dim:
         raise UserError(f"{target_spec} holds {target.dim}-dim vectors; the queries are {x.shape[1]}-dim")
-    ids, scores = target.search(normalize(x), k)
+    unusable = ~(np.isfinite(x).all(axis=1) & (np.abs(x).sum(axis=1) > 0))
+    if unusable.any():
+        bad = labels[int(np.argmax(unusable))]
+        raise UserError(f"query {bad} is a NaN, infinite or all-zero vector: it has no direction to search")
+    ids, scores = target.search(x, k)
     return [
         Hit(labels[i], r, float(scores[i, r]), int(ids[i, r]), keys[ids[i, r]], paths[ids[i, r]])
         for i in range(len(labels))
@@ -129,6 +179,10 @@ def _npy_queries(path: str) -> np.ndarray:
         x = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise UserError(f"cannot read query vectors {path}: {reason(exc)}") from None
+    if x.dtype.kind not in "fiu" or x.ndim not in (1, 2) or not x.size:
+        raise UserError(
+            f"query vectors {path} hold a {x.dtype} array of shape {x.shape}; give numbers, one row a query"
+        )
     return x.reshape(1, -1) if x.ndim == 1 else x
 
 
@@ -156,14 +210,19 @@ class Embedder:
         model = load_model(ModelConfig(m["repo"], m["name"], m["weights"])).to(self.device)
         self.run = ModelRunner(model, self.device, None, 1)
 
-    def __call__(self, source: str) -> np.ndarray:
+    def __call__(self, source: str, timeout_s: float) -> np.ndarray:
         import fsspec
 
         from pipeline.image.transform import crop_uint8
 
         try:
-            with fsspec.open(source, "rb") as f:
-                data = f.read()
+            if is_url(source):
+                data = fetch_url(source, timeout_s)
+            else:
+                with fsspec.open(source, "rb") as f:
+                    data = f.read()
+        except UserError:
+            raise
         except FileNotFoundError:
             raise UserError(f"query {source!r} is not a key or path in the set, a .npy, nor an image file") from None
         except Exception as exc:

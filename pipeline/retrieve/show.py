@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.outdir import load_run
 from pipeline.retrieve.features import FeatureSet, open_features
 from pipeline.retrieve.knn import NO_MATCH
-from pipeline.storage import commit_bytes, ensure_writable, locate, open_stream, read_json
+from pipeline.storage import commit_bytes, ensure_writable, locate, open_stream, read_valid_json
 
 PER_PAGE = 25  # queries or groups per page: 25 × 11 thumbnails of 128 px are ~1 MB
 MAX_MEMBERS = 48  # thumbnails shown per duplicate group
@@ -41,8 +41,13 @@ class Item:
 
 def run_show(source: str, page: str, sample: int = 100, thumb: int = 128, per_page: int = PER_PAGE) -> list[str]:
     """Writes page.html (and page-2.html, …); returns their paths."""
+    source, page = os.fspath(source), os.fspath(page)
     if not 16 <= thumb <= 1024:
         raise UserError(f"--thumb must be between 16 and 1024 pixels, got {thumb}")
+    for flag, value in (("--sample", sample), ("--per-page", per_page)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    _check_page(page)
     kind, report = _kind(source)
     fs = _features(report)
     items = _match_items(source, fs, sample) if kind == "match" else _dedup_items(source, fs, sample)
@@ -59,13 +64,22 @@ def run_show(source: str, page: str, sample: int = 100, thumb: int = 128, per_pa
     return [os.path.join(folder, os.path.basename(n)) for n in names]
 
 
+def _check_page(page: str) -> None:
+    """PAGE is an .html file to write, never a folder (`dir/` once wrote a hidden `.html` beside
+    it) nor one of the results it shows (`mm/match.json` once replaced the match's report)."""
+    name = os.path.basename(page)
+    if not name.lower().endswith((".html", ".htm")) or name.startswith(".") or os.path.isdir(page):
+        raise UserError(f"PAGE {page!r} must be a file name ending in .html (e.g. page.html), not a folder")
+
+
 def _kind(source: str) -> tuple[str, dict]:
+    remedy = "run featpipe match (or dedup) into it again"
     for kind, name in (("dedup", "dedup.json"), ("match", "match.json")):
         path = os.path.join(source, name)
         if os.path.isfile(path):
-            report = read_json(locate(source).fs, path)
+            report = read_valid_json(locate(source).fs, path, remedy)
             if kind == "dedup":
-                report = {**report, **read_json(locate(source).fs, os.path.join(source, "match.json"))}
+                report = {**report, **read_valid_json(locate(source).fs, os.path.join(source, "match.json"), remedy)}
             return kind, report
     raise UserError(f"{source} is not the output of `featpipe match` or `featpipe dedup` (no match.json)")
 
@@ -102,7 +116,7 @@ def _match_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
 
 
 def _dedup_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
-    groups = read_json(locate(source).fs, os.path.join(source, "groups.json"))
+    groups = read_valid_json(locate(source).fs, os.path.join(source, "groups.json"), "run featpipe dedup again")
     groups = sorted(groups, key=lambda g: (-len(g["members"]), g["representative"]))[:sample]
     items = []
     for g in groups:

@@ -1,0 +1,175 @@
+"""The retrieval verbs: match, dedup, index, query, show (parsers and commands)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli.args import add_barrier_timeout, cosine, positive, size
+from pipeline.errors import EXIT_OK
+
+
+def add_match(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "match", help="features → all-vs-all k nearest neighbours (matches.npy, scores.npy, neighbors.parquet)"
+    )
+    m.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    m.add_argument("out", help="output folder")
+    m.add_argument("-k", type=positive, default=10, help="neighbours per vector (default 10)")
+    m.add_argument("--exclude-self", action="store_true", help="do not list each vector as its own neighbour")
+    m.add_argument("--numpy-matches", default="matches.npy", help="neighbour rows file name in OUT (uint32)")
+    m.add_argument("--numpy-similarity-scores", default="scores.npy", help="scores file name in OUT (float16)")
+    _add_search_flags(m)
+    m.set_defaults(run=_cmd_match)
+
+
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    """How the kNN search runs, for match and dedup."""
+    p.add_argument(
+        "--method",
+        choices=("auto", "exact", "ivf"),
+        default="auto",
+        help="exact: every pair; ivf: a faiss IVF index tuned to recall@k ≥ 0.95; auto: exact while "
+        "N²·D is small enough (see README)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=size,
+        default=2 * 10**9,
+        metavar="SIZE",
+        help="memory for the search tiles (default 2GB; accepts 512MB)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace results made earlier in OUT")
+    p.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
+    add_barrier_timeout(p, "how long rank 0 waits for the slowest rank")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _search_settings(args: argparse.Namespace) -> dict:
+    return {
+        "method": args.method,
+        "memory_budget": args.memory_budget,
+        "device": args.device,
+        "overwrite": args.overwrite,
+        "progress": not args.no_progress,
+        "barrier_timeout_s": args.barrier_timeout,
+        "create_bucket": args.create_bucket,
+    }
+
+
+def add_dedup(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("dedup", help="features → near-duplicate groups (groups.json, duplicates.json, to_remove.txt)")
+    d.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    d.add_argument("out", help="output folder (also holds the kNN search it rides on)")
+    d.add_argument(
+        "--threshold",
+        type=cosine,
+        required=True,
+        help="cosine similarity at or above which two images are duplicates (the printed histogram "
+        "helps to choose it for a model)",
+    )
+    d.add_argument("-k", type=positive, default=10, help="neighbours looked at per image (the largest group size)")
+    d.add_argument(
+        "--linkage",
+        choices=("star", "connected"),
+        default="star",
+        help="star: every member within the threshold of its representative (default); connected: "
+        "connected components, which can chain unrelated images",
+    )
+    _add_search_flags(d)
+    d.set_defaults(run=_cmd_dedup)
+
+
+def add_index(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("index", help="features → a faiss index (index.faiss, ids.parquet, index.json) to query")
+    i.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    i.add_argument("index", help="output folder for the index")
+    i.add_argument(
+        "--index-key",
+        default="auto",
+        help="auto (Flat, HNSW or IVF by N and the memory budget; see README) or any faiss "
+        "index_factory string, e.g. IVF1024,PQ32",
+    )
+    i.add_argument(
+        "--memory-budget", type=size, default=2 * 10**9, metavar="SIZE", help="memory the index may take (default 2GB)"
+    )
+    i.add_argument("--overwrite", action="store_true", help="replace an index built earlier in INDEX")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar")
+    i.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    i.set_defaults(run=_cmd_index)
+    q = sub.add_parser("query", help="nearest images to an image file or URL, a key or path in the set, or vectors")
+    q.add_argument("target", metavar="INDEX_OR_FEATURES", help="an index folder, or FEATURES searched exactly")
+    q.add_argument(
+        "queries",
+        metavar="QUERY",
+        nargs="+",
+        help="an image file or URL (embedded with the extract run's model), a key or path in the set, "
+        "or a .npy of vectors",
+    )
+    q.add_argument("-k", type=positive, default=10, help="neighbours per query (default 10)")
+    q.add_argument("--json", action="store_true", help="JSON lines instead of rank, score, path")
+    q.add_argument("--device", default="auto", help="where to embed image queries: auto, cpu, cuda")
+    q.add_argument(
+        "--timeout",
+        type=positive,
+        default=30,
+        metavar="SECONDS",
+        help="give up on an image URL that does not connect or send data for this long (default 30)",
+    )
+    q.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    q.set_defaults(run=_cmd_query)
+
+
+def add_show(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("show", help="a static HTML page of a match's neighbours or a dedup's groups")
+    s.add_argument("source", metavar="MATCH_OR_DEDUP", help="the OUT folder of featpipe match or featpipe dedup")
+    s.add_argument("page", help="the page to write, e.g. page.html (more pages: page-2.html, …)")
+    s.add_argument("--sample", type=positive, default=100, help="queries (match) or groups (dedup) shown (default 100)")
+    s.add_argument("--thumb", type=positive, default=128, help="thumbnail size in pixels (default 128)")
+    s.add_argument("--per-page", type=positive, default=25, help="queries or groups per page (default 25)")
+    s.set_defaults(run=_cmd_show)
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.match import MatchConfig, MatchNames, run_match, summary
+
+    names = MatchNames(args.numpy_matches, args.numpy_similarity_scores)
+    cfg = MatchConfig(
+        args.features, args.out, k=args.k, exclude_self=args.exclude_self, names=names, **_search_settings(args)
+    )
+    print(summary(run_match(cfg)))
+    return EXIT_OK
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.dedup import DedupConfig, run_dedup, summary
+
+    cfg = DedupConfig(args.features, args.out, args.threshold, args.k, args.linkage, _search_settings(args))
+    print(summary(run_dedup(cfg), args.out.rstrip("/")))
+    return EXIT_OK
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.index import IndexConfig, build_index, summary
+
+    cfg = IndexConfig(
+        args.features, args.index, args.index_key, args.memory_budget, args.overwrite, progress=not args.no_progress
+    )
+    meta = build_index(cfg)
+    print(summary(meta, args.index))
+    return EXIT_OK
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.query import format_hits, run_query
+
+    print(format_hits(run_query(args.target, args.queries, args.k, args.device, args.timeout), args.json))
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.retrieve.show import run_show, summary
+
+    print(summary(run_show(args.source, args.page, args.sample, args.thumb, args.per_page)))
+    return EXIT_OK
