@@ -17,6 +17,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from pipeline.errors import SampleError, first_line, reason
 from pipeline.extract.inputs import ShardRef
 from pipeline.image.header import IMAGE_EXTENSIONS
+from pipeline.names import clean_text
 from pipeline.shardformat import sample_key
 from pipeline.storage import open_stream
 
@@ -164,13 +165,3 @@ def _metadata(raw: bytes | None) -> tuple[dict, str | None]:
     if not isinstance(meta, dict):
         return {}, f"metadata (.json) is a JSON {type(meta).__name__}, not an object"
     return meta, None
-
-
-def clean_text(text: str) -> str:
-    """Text that can be written as UTF-8: a lone surrogate (from JSON's \\ud800 or an undecodable
-    tar member name) becomes its backslash escape instead of failing the chunk write."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -20,15 +20,15 @@ paths to_remove.txt leaves out are listed in dedup.json.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.names import is_escaped, name_bytes
 from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
-from pipeline.retrieve.knn import NO_MATCH, ExactSearch, normalize64, plan_tiles, valid_rows
+from pipeline.retrieve.knn import NO_MATCH, ExactSearch, cosines, normalize64, plan_tiles, valid_rows
 from pipeline.retrieve.match import MatchConfig, load_neighbors, run_match
 from pipeline.storage import commit_bytes, commit_json, locate, utf8_json
 
@@ -114,7 +114,7 @@ class Neighbours:
             floors = np.full(len(todo), self.threshold - exact.error, np.float32)
             for row, q64, ids in zip(todo, q, exact.within(q.astype(np.float32), floors), strict=True):
                 ids = ids[ids != row]
-                sims = normalize64(fs.take(ids)) @ q64
+                sims = cosines(q64, normalize64(fs.take(ids)))
                 keep = sims.astype(np.float32) >= self.threshold
                 order = np.lexsort((ids[keep], -sims[keep]))
                 self.grown[int(row)] = (ids[keep][order], sims[keep][order].astype(np.float32))
@@ -178,7 +178,7 @@ def connected(fs: FeatureSet, graph: Neighbours, order: np.ndarray) -> list[Grou
             continue
         rep = min(members, key=lambda m: rank[m])
         vecs = normalize64(fs.take(np.array(members)))
-        sims = (vecs @ vecs[members.index(rep)]).astype(np.float32)
+        sims = cosines(vecs[members.index(rep)], vecs).astype(np.float32)
         ranked = sorted(zip(members, sims, strict=True), key=lambda ms: (ms[0] != rep, -ms[1], ms[0]))
         groups.append(Group(rep, [m for m, _ in ranked], [float(s) for _, s in ranked]))
     return sorted(groups, key=lambda g: g.representative)
@@ -223,7 +223,7 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
     commit_json(out.fs, out.join(GROUPS_FILE), records)
     commit_bytes(out.fs, out.join(DUPLICATES_FILE), utf8_json(duplicates, indent=1))
     commit_bytes(out.fs, out.join(REMOVE_FILE), lines)
-    commit_bytes(out.fs, out.join(REMOVE_NUL_FILE), b"".join(os.fsencode(name(r)) + b"\0" for r in removed))
+    commit_bytes(out.fs, out.join(REMOVE_NUL_FILE), b"".join(name_bytes(name(r)) + b"\0" for r in removed))
     report = {
         "featpipe_version": __version__,
         "threshold": cfg.threshold,
@@ -254,19 +254,14 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
 def removal_lists(paths: list[str]) -> tuple[bytes, list[str]]:
     """to_remove.txt's bytes (one path a line, each line exactly one path) and the paths a line
     cannot hold exactly: a line break splits it into two lines, each of which could name another
-    file; a name that is not valid UTF-8 (decoded with surrogates) would be written as text that
-    names no file at all."""
+    file; a name that is not valid UTF-8 is recorded as text with \\udcXX escapes, which names no
+    file (to_remove.nul carries its real bytes)."""
     lines, left_out = [], []
     for p in paths:
-        try:
-            encoded = p.encode("utf-8")
-        except UnicodeEncodeError:
-            left_out.append(p)
-            continue
-        if "\n" in p or "\r" in p:
+        if "\n" in p or "\r" in p or is_escaped(p):
             left_out.append(p)
         else:
-            lines.append(encoded + b"\n")
+            lines.append(p.encode("utf-8", "surrogateescape") + b"\n")
     return b"".join(lines), left_out
 
 

@@ -12,6 +12,7 @@ are settled by row number, never by which tile or thread saw a row first.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,8 @@ def plan_tiles(n: int, dim: int, k: int, budget: int) -> Tiling:
     query_rows = min(n, budget // 4 // query_row_bytes, 65536)
     if db_rows < min(n, 1024) or query_rows < min(n, 64):
         need = max(2 * min(n, 1024) * row_bytes, 4 * min(n, 64) * query_row_bytes)
+        unit = 10 ** (len(str(need)) - 2)
+        need = math.ceil(need / unit) * unit  # two digits, rounded up: the printed figure is enough
         raise UserError(
             f"--memory-budget {format_bytes(budget)} is too small for one tile of {dim}-dim vectors "
             f"with k = {k}; give at least {format_bytes(need)}"
@@ -79,6 +82,13 @@ def normalize64(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     return x / np.where(norms > 0, norms, 1)[:, None]
+
+
+def cosines(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """Exact scores of one float64-normalised query against rows: einsum's own loop, so a row's
+    score does not depend on where it sits (BLAS's matrix-vector product gave identical rows
+    scores an ulp apart when one fell in its tail block)."""
+    return np.einsum("d,kd->k", q, vecs)
 
 
 def valid_rows(fs: FeatureSet, block: int) -> np.ndarray:
