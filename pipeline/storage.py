@@ -7,6 +7,7 @@ complete, so one put is already atomic there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +58,18 @@ def open_stream(url: str):
     return fs.open(path, "rb", cache_type="readahead", block_size=STREAM_BLOCK)
 
 
+# A store that throttles (503 SlowDown) or drops connections for longer than the client's own few
+# retries: writes are tried again this many times, with exponential backoff from WRITE_BACKOFF_S.
+WRITE_RETRIES = 5
+WRITE_BACKOFF_S = 0.5
+# s3fs (aiobotocore) keeps 10 connections per client unless told: more reads in flight than that
+# just queue (readmany.py keeps up to 64 per process in flight).
+S3_POOL_CONNECTIONS = 128
+
+
 def locate(url: str, **storage_options: Any) -> Location:
+    if url.split("://", 1)[0] in ("s3", "s3a") and "config_kwargs" not in storage_options:
+        storage_options["config_kwargs"] = {"max_pool_connections": S3_POOL_CONNECTIONS}
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
     except (ImportError, ValueError) as exc:
@@ -116,8 +128,8 @@ def commit_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         except BaseException:
             remove_quietly(tmp)
             raise
-    else:
-        fs.pipe_file(path, data)
+    else:  # one put: the object appears whole or not at all, so a retry is safe
+        retrying(lambda: fs.pipe_file(path, data), WRITE_RETRIES, WRITE_BACKOFF_S, f"write {fs.unstrip_protocol(path)}")
 
 
 def commit_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
@@ -206,7 +218,8 @@ def commit_file(fs: fsspec.AbstractFileSystem, staged: str, final_path: str) -> 
             _publishable(staged)
             os.replace(staged, final_path)
         else:
-            fs.put_file(staged, final_path)
+            what = f"upload {fs.unstrip_protocol(final_path)}"
+            retrying(lambda: fs.put_file(staged, final_path), WRITE_RETRIES, WRITE_BACKOFF_S, what)
     finally:
         remove_quietly(staged)
 
@@ -229,3 +242,42 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def cache_root() -> str:
+    return os.environ.get("FEATPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "featpipe")
+
+
+def local_copy(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A local copy of a file on a store, downloaded once and reused while the object is the same
+    (size and ETag / generation / mtime): the retrieval verbs read features in random row order
+    (exact re-scoring gathers N × (k + 3) rows), which ranged reads would turn into a request per
+    row. The copy lives under $FEATPIPE_CACHE (default ~/.cache/featpipe) and takes the file's size."""
+    info = retrying(lambda: fs.info(path), 3, 0.5, f"stat {path}")
+    url = fs.unstrip_protocol(path)
+    stamp = json.dumps(
+        {
+            "url": url,
+            **{k: str(info[k]) for k in ("size", "ETag", "etag", "generation", "mtime", "LastModified") if k in info},
+        },
+        sort_keys=True,
+    )
+    folder = os.path.join(cache_root(), hashlib.sha256(url.encode()).hexdigest()[:32])
+    data, meta = os.path.join(folder, "data"), os.path.join(folder, "source.json")
+    try:
+        with open(meta, encoding="utf-8") as f:
+            if f.read() == stamp and os.path.getsize(data) == int(info.get("size") or 0):
+                return data
+    except OSError:
+        pass
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(fd)
+    try:
+        log.info("copying %s to the local cache %s (%d bytes)", url, folder, int(info.get("size") or 0))
+        retrying(lambda: fs.get_file(path, tmp), 3, 1.0, f"download {url}")
+        os.replace(tmp, data)
+    finally:
+        remove_quietly(tmp)
+    commit_bytes(LocalFileSystem(), meta, stamp.encode())
+    return data

@@ -97,3 +97,14 @@ def output_names(args: argparse.Namespace):
         if "/" in getattr(args, flag):
             raise UserError(f"--{flag.replace('_', '-')} is a file name inside OUT, not a path")
     return OutputNames(args.torch_features, args.numpy_features, args.img_list)
+
+
+def add_io_concurrency(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--io-concurrency",
+        type=positive,
+        default=None,
+        metavar="N",
+        help=f"{what}: reads in flight per worker (default 64 on object stores and HTTP, 4 on local disks; "
+        "at most 256 MB read ahead)",
+    )

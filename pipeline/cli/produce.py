@@ -8,6 +8,7 @@ import time
 
 from pipeline.cli.args import (
     add_barrier_timeout,
+    add_io_concurrency,
     add_model_flags,
     add_output_name_flags,
     non_negative,
@@ -77,6 +78,7 @@ def add_pack(sub: argparse._SubParsersAction) -> None:
         default=default_workers(),
         help="processes, one shard per task (default: CPU count, at most 8)",
     )
+    add_io_concurrency(p, "source images")
     p.add_argument("--overwrite", action="store_true", help="delete earlier shards in DEST and start over")
     p.add_argument("--create-bucket", action="store_true", help="create DEST's bucket if it does not exist")
     p.add_argument(
@@ -128,6 +130,7 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace features made earlier in OUT")
     p.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
     p.add_argument("--retries", type=non_negative, default=3, help="retries of a shard after a transient read error")
+    add_io_concurrency(p, "when SHARDS is a plain image folder")
     add_barrier_timeout(p, "how long rank 0 waits for the slowest rank before consolidating")
     p.add_argument(
         "--no-consolidate", action="store_true", help="only write chunks; run `featpipe consolidate OUT` later"
@@ -171,6 +174,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         relist=args.relist,
         plan_only=args.plan_only,
         barrier_timeout_s=args.barrier_timeout,
+        io_concurrency=args.io_concurrency,
     )
     t0 = time.perf_counter()
     result = run_pack(cfg)
@@ -198,7 +202,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         group_size=args.group_size,
-        read=ReadConfig(retries=args.retries),
+        read=ReadConfig(retries=args.retries, io_concurrency=args.io_concurrency),
         barrier_timeout_s=args.barrier_timeout,
         consolidate=not args.no_consolidate,
         compile=args.compile,

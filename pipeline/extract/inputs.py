@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import braceexpand
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.listing import list_images
 from pipeline.shardformat import MANIFEST, SHARD_DIGITS
 from pipeline.storage import Location, locate, read_json
@@ -36,9 +36,13 @@ def resolve_shards(spec: str, group_size: int = DEFAULT_GROUP_SIZE) -> list[Shar
         refs = _named([(u, None) for u in braceexpand.braceexpand(spec)])
     else:
         loc = locate(spec)
-        if loc.fs.isdir(loc.path):
+        try:
+            is_dir, is_file = loc.fs.isdir(loc.path), loc.fs.isfile(loc.path)
+        except PermissionError as exc:  # refused credentials, or no right to list there
+            raise UserError(f"cannot read shards {spec}: access denied ({first_line(exc)})") from None
+        if is_dir:
             refs = _from_folder(loc, spec, group_size)
-        elif loc.fs.isfile(loc.path):
+        elif is_file:
             is_tar = loc.path.endswith((".tar", ".tar.gz", ".tgz"))
             refs = _named([(spec, None)] if is_tar else [(u, None) for u in _read_list(loc)])
         else:

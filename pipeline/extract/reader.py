@@ -11,15 +11,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from pipeline.errors import SampleError, first_line, reason
 from pipeline.extract.inputs import ShardRef
 from pipeline.image.header import IMAGE_EXTENSIONS
 from pipeline.names import clean_text
+from pipeline.readmany import ReadPolicy, read_many
 from pipeline.shardformat import sample_key
-from pipeline.storage import open_stream
+from pipeline.storage import locate, open_stream
 
 log = logging.getLogger("featpipe")
 
@@ -34,6 +34,7 @@ _UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirect
 class ReadConfig:
     retries: int = 3  # transient read errors on one shard before it is recorded as failed
     backoff_s: float = 1.0
+    io_concurrency: int | None = None  # folder mode: reads in flight per worker (None: by filesystem)
 
 
 @dataclass
@@ -57,20 +58,19 @@ class ShardReport:
 
 def iter_shard(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterator[RawSample]:
     if shard.files:
-        yield from _iter_files(shard, report)
+        yield from _iter_files(shard, report, read)
     else:
         yield from _iter_tar(shard, report, read)
 
 
-def _iter_files(shard: ShardRef, report: ShardReport) -> Iterator[RawSample]:
-    for i, path in enumerate(shard.files):
-        try:
-            with fsspec.open(path, "rb") as f:
-                data, error = f.read(), None
-        except Exception as exc:
-            data, error = None, f"cannot read: {reason(exc)}"
+def _iter_files(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterator[RawSample]:
+    """Loose files, many reads in flight (readmany.py), in the group's order."""
+    fs = locate(shard.url).fs
+    policy = ReadPolicy(read.io_concurrency, retries=read.retries, backoff_s=read.backoff_s)
+    for i, data in read_many(fs, shard.files, None, policy):
+        error = f"cannot read: {reason(data)}" if isinstance(data, BaseException) else None
         report.read += 1
-        yield RawSample(sample_key(shard.index, i), clean_text(path), i, data, error)
+        yield RawSample(sample_key(shard.index, i), clean_text(shard.files[i]), i, None if error else data, error)
 
 
 def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterator[RawSample]:

@@ -1,7 +1,11 @@
 """FEATURES for the retrieval verbs: an extract output folder (its fts.npy, with keys and paths from
-its chunks), or a bare `.npy` / `.pth` file of N×D vectors. Rows are read in blocks with plain
-file reads, never loaded whole, so memory stays flat whatever N is (a memory map would do the same
-work but count every touched page in the process's resident memory)."""
+its chunks), or a bare `.npy` / `.pth` file of N×D vectors, on a local disk or a store. Rows are
+read in blocks with plain file reads, never loaded whole, so memory stays flat whatever N is (a
+memory map would do the same work but count every touched page in the process's resident memory).
+
+On a store, the vector file is copied once to the local cache (storage.local_copy: exact
+re-scoring reads rows in random order, a request per row as ranged reads); img_list.json, run.json
+and the chunks' small columns are read where they are (Parquet columns by ranged reads)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import numpy as np
 
 from pipeline.errors import UserError, first_line
 from pipeline.outdir import CHUNKS, RUN_FILE, OutputNames, load_run
-from pipeline.storage import locate
+from pipeline.storage import Location, local_copy, locate
 
 _HASH_BLOCK = 16 << 20
 
@@ -83,13 +87,19 @@ class FeatureSet:
                     left -= len(block)
         return "sha256:" + h.hexdigest()
 
+    @property
+    def where(self) -> str:
+        """FEATURES as a later command can find it again: an absolute path, or the URL."""
+        return self.source if "://" in self.source else os.path.abspath(self.source)
+
     @cached_property
     def paths(self) -> list[str] | None:
         if self.folder is None:
             return None
         img_list = OutputNames().img_list
-        with open(os.path.join(self.folder, img_list), encoding="utf-8") as f:
-            paths = json.load(f)
+        loc = locate(self.folder)
+        with loc.fs.open(loc.join(img_list), "rb") as f:
+            paths = json.loads(f.read())
         if len(paths) != self.n:
             raise UserError(f"{self.folder}: {img_list} lists {len(paths)} paths for {self.n} rows")
         return paths
@@ -127,9 +137,10 @@ class FeatureSet:
         for shard in load_run(out).shard_names:
             if not read_done(out, shard).rows:
                 continue
-            path = os.path.join(self.folder, CHUNKS, f"{shard}.parquet")
-            names = [c for c in ("key", "shard", "width", "height") if c in pq.read_schema(path).names]
-            table = pq.read_table(path, columns=names, use_threads=False)
+            with out.fs.open(out.join(CHUNKS, f"{shard}.parquet"), "rb") as f:
+                chunk = pq.ParquetFile(f)
+                names = [c for c in ("key", "shard", "width", "height") if c in chunk.schema_arrow.names]
+                table = chunk.read(columns=names, use_threads=False)
             for name in names:
                 columns.setdefault(name, []).extend(table.column(name).to_pylist())
         if len(columns.get("key", [])) != self.n:
@@ -145,6 +156,9 @@ class FeatureSet:
 def open_features(spec: str | os.PathLike) -> FeatureSet:
     """FEATURES as the user gave it; one clear line when it is not usable."""
     spec = os.fspath(spec)
+    loc = locate(spec)
+    if not loc.is_local:
+        return _from_store(spec, loc)
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, RUN_FILE)):
             raise UserError(
@@ -158,8 +172,42 @@ def open_features(spec: str | os.PathLike) -> FeatureSet:
     if not os.path.exists(spec):
         raise UserError(f"features not found: {spec}")
     if spec.endswith(".pth") or spec.endswith(".pt"):
-        return _from_pth(spec)
+        return _from_pth(spec, spec)
     return _from_npy(spec, spec, folder=None)
+
+
+def _from_store(spec: str, loc: Location) -> FeatureSet:
+    """The same checks as for a local FEATURES, then the vector file from the local cache."""
+    try:
+        is_dir = loc.fs.isdir(loc.path)
+        if is_dir:
+            if not loc.fs.exists(loc.join(RUN_FILE)):
+                raise UserError(f"{spec} is a folder but not a featpipe extract output (no {RUN_FILE})")
+            fts = loc.join(OutputNames().numpy_features)
+            if not loc.fs.exists(fts):
+                raise UserError(
+                    f"{spec} has no {OutputNames().numpy_features}; run `featpipe consolidate {spec}` first"
+                )
+            return _from_npy(spec, local_copy(loc.fs, fts), folder=spec)
+        if not loc.fs.exists(loc.path):
+            raise UserError(f"features not found: {spec}")
+        local = local_copy(loc.fs, loc.path)
+    except (UserError, PermissionError):
+        raise
+    except FileNotFoundError:
+        raise UserError(f"features not found: {spec}") from None
+    if spec.endswith((".pth", ".pt")):
+        return _from_pth(spec, local)
+    return _from_npy(spec, local, folder=None)
+
+
+def features_exist(spec: str) -> bool:
+    """Whether FEATURES recorded by an earlier command (a path or URL) is still there."""
+    loc = locate(spec)
+    try:
+        return loc.fs.exists(loc.path)
+    except Exception:  # an unreachable store: treated as gone, as a moved folder is
+        return False
 
 
 def _from_npy(source: str, path: str, folder: str | None) -> FeatureSet:
@@ -178,20 +226,20 @@ def _from_npy(source: str, path: str, folder: str | None) -> FeatureSet:
     )
 
 
-def _from_pth(path: str) -> FeatureSet:
+def _from_pth(source: str, path: str) -> FeatureSet:
     """A torch tensor file, memory-mapped by torch (weights_only: a pickle in it is never run)."""
     import torch
 
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable tensor file: {first_line(exc)}") from None
+        raise UserError(f"{source} is not a readable tensor file: {first_line(exc)}") from None
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise UserError(f"{path} holds {what}, not a float tensor of features")
+        raise UserError(f"{source} holds {what}, not a float tensor of features")
     n, dim = _shape(path, tuple(tensor.shape))
     dtype = np.dtype(np.float16 if tensor.dtype == torch.float16 else np.float32)
-    return FeatureSet(path, path, n, dim, dtype, 0, None, tensor.detach().contiguous())  # saved with requires_grad
+    return FeatureSet(source, path, n, dim, dtype, 0, None, tensor.detach().contiguous())  # saved with requires_grad
 
 
 def _shape(path: str, shape: tuple) -> tuple[int, int]:

@@ -11,7 +11,6 @@ raised until recall@10 on 1,000 sampled queries against exact search reaches 0.9
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,7 +103,7 @@ def _save(out, index, fs: FeatureSet, key: str, param: str | None, value: int | 
             "search_parameter": param,
             "value": value,
             "estimated_recall_at_10": round(recall, 4),
-            "features": os.path.abspath(fs.source),
+            "features": fs.where,
             "features_fingerprint": fs.fingerprint,
             "embedder": embedder,
         },

@@ -408,7 +408,7 @@ def _report(
     invalid = np.flatnonzero(~valid)
     return {
         "featpipe_version": __version__,
-        "features": os.path.abspath(fs.source) if "://" not in fs.source else fs.source,
+        "features": fs.where,
         "features_fingerprint": fs.fingerprint,
         "n": fs.n,
         "dim": fs.dim,

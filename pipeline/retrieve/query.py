@@ -16,7 +16,7 @@ from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import load_run
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
-from pipeline.retrieve.features import open_features, require_vectors
+from pipeline.retrieve.features import features_exist, open_features, require_vectors
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
@@ -26,7 +26,7 @@ from pipeline.retrieve.knn import (
     plan_tiles,
     valid_rows,
 )
-from pipeline.storage import locate, read_valid_json
+from pipeline.storage import local_copy, locate, read_valid_json
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,13 @@ class Target:
     features are used (for exact scores and keys) only when they hold the bytes it was built from."""
 
     def __init__(self, spec: str):
-        self.spec = spec
+        self.spec, self.loc = spec, locate(spec)
         self.meta = None
-        if os.path.isfile(os.path.join(spec, META_FILE)):
+        if self.loc.fs.isfile(self.loc.join(META_FILE)):
             remedy = f"rebuild it: featpipe index FEATURES {spec} --overwrite"
             keys = ("dim", "n", "features", "features_fingerprint", "search_parameter", "value")
-            self.meta = read_valid_json(locate(spec).fs, os.path.join(spec, META_FILE), remedy, keys)
-            self.features = open_features(self.meta["features"]) if os.path.exists(self.meta["features"]) else None
+            self.meta = read_valid_json(self.loc.fs, self.loc.join(META_FILE), remedy, keys)
+            self.features = open_features(self.meta["features"]) if features_exist(self.meta["features"]) else None
             if self.features is not None and self.features.fingerprint != self.meta["features_fingerprint"]:
                 raise UserError(
                     f"the features at {self.meta['features']} changed since the index {spec} was built from them; "
@@ -70,7 +70,8 @@ class Target:
         if self.meta:
             import pyarrow.parquet as pq
 
-            t = pq.read_table(os.path.join(self.spec, IDS_FILE), use_threads=False)
+            with self.loc.fs.open(self.loc.join(IDS_FILE), "rb") as f:
+                t = pq.read_table(f, use_threads=False)
             return t.column("key").to_pylist(), t.column("path").to_pylist()
         fs = self.features
         return fs.keys or [None] * fs.n, fs.paths or [None] * fs.n
@@ -85,11 +86,12 @@ class Target:
     def _index(self):
         faiss = load_faiss()
 
+        path = self.loc.join(INDEX_FILE)
         try:
-            index = faiss.read_index(os.path.join(self.spec, INDEX_FILE))
+            index = faiss.read_index(path if self.loc.is_local else local_copy(self.loc.fs, path))
         except RuntimeError as exc:
             raise UserError(
-                f"{os.path.join(self.spec, INDEX_FILE)} is not a readable faiss index ({faiss_message(exc)}); "
+                f"{self.loc.url(path)} is not a readable faiss index ({faiss_message(exc)}); "
                 f"rebuild it: featpipe index FEATURES {self.spec} --overwrite"
             ) from None
         if index.ntotal > self.meta["n"] or index.d != self.meta["dim"]:

@@ -18,7 +18,8 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.outdir import load_run
-from pipeline.retrieve.features import FeatureSet, open_features
+from pipeline.readmany import read_many
+from pipeline.retrieve.features import FeatureSet, features_exist, open_features
 from pipeline.retrieve.knn import NO_MATCH
 from pipeline.storage import commit_bytes, ensure_writable, locate, open_stream, read_valid_json
 
@@ -74,19 +75,19 @@ def _check_page(page: str) -> None:
 
 def _kind(source: str) -> tuple[str, dict]:
     remedy = "run featpipe match (or dedup) into it again"
+    loc = locate(source)
     for kind, name in (("dedup", "dedup.json"), ("match", "match.json")):
-        path = os.path.join(source, name)
-        if os.path.isfile(path):
-            report = read_valid_json(locate(source).fs, path, remedy)
+        if loc.fs.isfile(loc.join(name)):
+            report = read_valid_json(loc.fs, loc.join(name), remedy)
             if kind == "dedup":
-                report = {**report, **read_valid_json(locate(source).fs, os.path.join(source, "match.json"), remedy)}
+                report = {**report, **read_valid_json(loc.fs, loc.join("match.json"), remedy)}
             return kind, report
     raise UserError(f"{source} is not the output of `featpipe match` or `featpipe dedup` (no match.json)")
 
 
 def _features(report: dict) -> FeatureSet | None:
     path = report.get("features")
-    if not path or not os.path.exists(path):
+    if not path or not features_exist(path):
         return None
     fs = open_features(path)
     if fs.fingerprint != report.get("features_fingerprint"):
@@ -116,7 +117,8 @@ def _match_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
 
 
 def _dedup_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
-    groups = read_valid_json(locate(source).fs, os.path.join(source, "groups.json"), "run featpipe dedup again")
+    loc = locate(source)
+    groups = read_valid_json(loc.fs, loc.join("groups.json"), "run featpipe dedup again")
     groups = sorted(groups, key=lambda g: (-len(g["members"]), g["representative"]))[:sample]
     items = []
     for g in groups:
@@ -153,9 +155,10 @@ class Thumbnails:
             url = urls[shard]
             if url.endswith((".tar", ".tgz", ".tar.gz")):
                 out |= self._from_tar(url, keys)
-            else:  # folder mode: the sample's path is the source file
-                for r in keys.values():
-                    out[r] = self._from_file(fs.paths[r])
+            else:  # folder mode: the sample's path is the source file, read with many in flight
+                rows = sorted(keys.values())
+                for i, data in read_many(locate(url).fs, [fs.paths[r] for r in rows]):
+                    out[rows[i]] = "" if isinstance(data, BaseException) else self._encode(data)
         return {r: uri for r, uri in out.items() if uri}
 
     def _from_tar(self, url: str, keys: dict[str, int]) -> dict[int, str]:
@@ -175,15 +178,6 @@ class Thumbnails:
         except Exception:  # a shard gone or damaged since extraction: those tiles show no picture
             pass
         return found
-
-    def _from_file(self, path: str) -> str:
-        import fsspec
-
-        try:
-            with fsspec.open(path, "rb") as f:
-                return self._encode(f.read())
-        except Exception:
-            return ""
 
     def _encode(self, data: bytes) -> str:
         from pipeline.image.decode import load_first_frame, upright
