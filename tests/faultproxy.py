@@ -136,7 +136,8 @@ class FaultProxy:
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
         try:
             headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
-            conn.request(h.command, h.path, body=body if body or h.command in ("PUT", "POST") else None, headers=headers)
+            send = body if body or h.command in ("PUT", "POST") else None
+            conn.request(h.command, h.path, body=send, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
             return resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP], data

@@ -66,7 +66,8 @@ def test_a_flaky_store_loses_nothing_in_pack_and_folder_extract(s3, s3_server, t
     run_cli("extract", f"s3://{bucket}/photos", tmp_path / "fclean", *MODEL, "--workers", "0", env=s3_server)
     with FaultProxy(s3_server["AWS_ENDPOINT_URL_S3"], FLAKY) as proxy:
         env = proxy.env(s3_server)
-        run_cli("pack", f"s3://{bucket}/photos", f"s3://{bucket}/shards", "--shard-size", "10", "--no-progress", env=env)
+        shards = f"s3://{bucket}/shards"
+        run_cli("pack", f"s3://{bucket}/photos", shards, "--shard-size", "10", "--no-progress", env=env)
         out = f"s3://{bucket}/features"
         run_cli("extract", f"s3://{bucket}/photos", out, *MODEL, "--workers", "1", "--group-size", "8", env=env)
         assert proxy.counts.resets >= 3 and proxy.counts.slowdowns >= 3, proxy.counts
