@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_match.py
 	$(BIN)/python tools/bench_pack_plan.py
+	$(BIN)/python tools/bench_stores.py
 
 clean:
 	rm -rf data/demo bench-out
