@@ -67,25 +67,32 @@ def extract(
     out: PathLike,
     model: str = "dinov2_vits14",
     repo: str = "facebookresearch/dinov2",
-    weights: str | None = None,
-    resize_size: int = 256,
-    crop_size: int = 224,
-    keep_ratio: bool = True,
+    weights: PathLike | None = None,
+    resize_size: int | None = None,
+    crop_size: int | None = None,
+    keep_ratio: bool | None = None,
     decode: str = "fast",
     **options: Any,
 ) -> Extracted:
-    """Shards (or a plain image folder) → features in OUT (see `featpipe extract`); options are
-    ExtractConfig's fields (batch_size, workers, device, precision, overwrite, progress, …)."""
-    from pipeline.extract.model import ModelConfig
+    """Shards (or a plain image folder) → features in OUT (see `featpipe extract`). `model` is a
+    torch.hub entry in `repo`, or SOURCE:ID (timm:…, hf:…, open_clip:…, hub:…); preprocessing
+    left None follows the model's own. Options are ExtractConfig's fields (batch_size, workers,
+    device, precision, overwrite, progress, …)."""
     from pipeline.extract.run import ExtractConfig, run_extract
     from pipeline.image.transform import TransformConfig
+    from pipeline.models.base import ModelConfig
 
     shards, out = os.fspath(shards), os.fspath(out)
+    weights = os.fspath(weights) if weights is not None else None
+    given = {"resize_size": resize_size, "crop_size": crop_size, "keep_ratio": keep_ratio}
+    explicit = {k: v for k, v in given.items() if v is not None}
+    spec = model if ":" in model else None
     cfg = ExtractConfig(
         shards=shards,
         out=out,
-        model=ModelConfig(repo, model, weights),
-        transform=TransformConfig(resize_size, crop_size, keep_ratio, decode),
+        model=ModelConfig(repo, model, weights, spec) if spec is None else ModelConfig(weights=weights, spec=spec),
+        transform=TransformConfig(mode=decode, **explicit),
+        transform_set=frozenset(explicit),
         **options,
     )
     result = run_extract(cfg)
@@ -160,14 +167,20 @@ def index(
 
 
 def query(
-    target: PathLike, queries: PathLike | list[PathLike], k: int = 10, device: str = "cpu", timeout_s: float = 30
+    target: PathLike,
+    queries: PathLike | list[PathLike] = (),
+    k: int = 10,
+    device: str = "cpu",
+    timeout_s: float = 30,
+    texts: str | list[str] = (),
 ) -> list:
-    """Nearest rows to image files/URLs, keys, paths or .npy vectors (see `featpipe query`): one
-    query or a list of them; returns a list of Hit."""
+    """Nearest rows to image files/URLs, keys, paths or .npy vectors, and to texts when the run's
+    model has a text tower (see `featpipe query`): one query or a list of them; a list of Hit."""
     from pipeline.retrieve.query import run_query
 
     items = [queries] if isinstance(queries, str | os.PathLike) else list(queries)
-    return run_query(os.fspath(target), [os.fspath(q) for q in items], k, device, timeout_s)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return run_query(os.fspath(target), [os.fspath(q) for q in items], k, device, timeout_s, texts)
 
 
 def show(source: PathLike, page: PathLike, sample: int = 100, thumb: int = 128, per_page: int = 25) -> list[str]:

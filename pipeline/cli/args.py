@@ -55,17 +55,40 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="GitHub owner/repo[:ref] for torch.hub (cached in TORCH_HOME), or a local directory with a hubconf.py",
     )
     p.add_argument("--model-name", default="dinov2_vits14", help="entry point in the repo's hubconf.py")
-    p.add_argument("--weights", default=None, help="local checkpoint to load into the model (weights_only)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="SOURCE:ID",
+        help="hub:owner/repo[:ref]/entry, timm:NAME, hf:org/name (or hf:/local/dir), open_clip:ARCH/TAG; "
+        "its own preprocessing is used unless a flag below overrides it (default: --model-repo/--model-name)",
+    )
+    p.add_argument(
+        "--weights", default=None, help="local checkpoint to load into the model (hub, timm, open_clip; weights_only)"
+    )
     p.add_argument("--batch-size", type=positive, default=256)
-    p.add_argument("--resize-size", type=positive, default=256, help="shorter side after resizing (bicubic)")
+    p.add_argument(
+        "--resize-size", type=positive, default=None, help="size after resizing (default: the model's; hub: 256)"
+    )
     p.add_argument(
         "--keep-ratio",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep the aspect ratio when resizing (default; the original script's default is a "
-        "square); --no-keep-ratio resizes to a square",
+        default=None,
+        help="keep the aspect ratio when resizing (hub default; the original script's default is a "
+        "square); --no-keep-ratio resizes to a square (as --resize-mode squash)",
     )
-    p.add_argument("--crop-size", type=positive, default=224, help="center crop")
+    p.add_argument(
+        "--resize-mode",
+        choices=("shortest", "squash"),
+        default=None,
+        help="shortest: the shorter side to --resize-size, then a centre crop; squash: both sides "
+        "(default: the model's)",
+    )
+    p.add_argument("--crop-size", type=positive, default=None, help="centre crop (default: the model's; hub: 224)")
+    p.add_argument(
+        "--interpolation", choices=("bicubic", "bilinear"), default=None, help="resize filter (default: the model's)"
+    )
+    p.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="default: the model's")
+    p.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"), help="default: the model's")
     p.add_argument(
         "--max-pixels",
         type=positive,
@@ -108,3 +131,37 @@ def add_io_concurrency(p: argparse.ArgumentParser, what: str) -> None:
         help=f"{what}: reads in flight per worker (default 64 on object stores and HTTP, 4 on local disks; "
         "at most 256 MB read ahead)",
     )
+
+
+def transform_flags(args: argparse.Namespace):
+    """(TransformConfig, the fields the user set): unset ones take the model's own values later."""
+    from pipeline.image.transform import TransformConfig
+
+    if (
+        args.keep_ratio is not None
+        and args.resize_mode is not None
+        and args.keep_ratio != (args.resize_mode == "shortest")
+    ):
+        raise UserError("--keep-ratio/--no-keep-ratio and --resize-mode disagree; give one of them")
+    keep = (
+        args.keep_ratio
+        if args.keep_ratio is not None
+        else (None if args.resize_mode is None else args.resize_mode == "shortest")
+    )
+    given = {
+        "resize_size": args.resize_size,
+        "crop_size": args.crop_size,
+        "keep_ratio": keep,
+        "interpolation": args.interpolation,
+        "mean": tuple(args.mean) if args.mean else None,
+        "std": tuple(args.std) if args.std else None,
+    }
+    explicit = {k: v for k, v in given.items() if v is not None}
+    transform = TransformConfig(mode=args.decode, max_pixels=args.max_pixels, **explicit)
+    return transform, frozenset(explicit)
+
+
+def model_config(args: argparse.Namespace):
+    from pipeline.models.base import ModelConfig
+
+    return ModelConfig(args.model_repo, args.model_name, args.weights, args.model)

@@ -11,10 +11,12 @@ from pipeline.cli.args import (
     add_io_concurrency,
     add_model_flags,
     add_output_name_flags,
+    model_config,
     non_negative,
     output_names,
     positive,
     size,
+    transform_flags,
 )
 from pipeline.cpu import default_workers
 from pipeline.errors import EXIT_ABORTED, EXIT_FAILURES, EXIT_OK
@@ -184,16 +186,16 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from pipeline.extract.model import ModelConfig
     from pipeline.extract.reader import ReadConfig
     from pipeline.extract.run import ExtractConfig, run_extract, summary
-    from pipeline.image.transform import TransformConfig
 
+    transform, explicit = transform_flags(args)
     cfg = ExtractConfig(
         shards=args.shards,
         out=args.out,
-        model=ModelConfig(args.model_repo, args.model_name, args.weights),
-        transform=TransformConfig(args.resize_size, args.crop_size, args.keep_ratio, args.decode, args.max_pixels),
+        model=model_config(args),
+        transform=transform,
+        transform_set=explicit,
         batch_size=args.batch_size,
         names=output_names(args),
         workers=args.workers,

@@ -103,9 +103,16 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "queries",
         metavar="QUERY",
-        nargs="+",
+        nargs="*",
         help="an image file or URL (embedded with the extract run's model), a key or path in the set, "
         "or a .npy of vectors",
+    )
+    q.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a text query, embedded with the run's text tower (open_clip, HF CLIP/SigLIP); repeat for more",
     )
     q.add_argument("-k", type=positive, default=10, help="neighbours per query (default 10)")
     q.add_argument("--json", action="store_true", help="JSON lines instead of rank, score, path")
@@ -164,7 +171,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     from pipeline.retrieve.query import format_hits, run_query
 
-    print(format_hits(run_query(args.target, args.queries, args.k, args.device, args.timeout), args.json))
+    hits = run_query(args.target, args.queries, args.k, args.device, args.timeout, args.text)
+    print(format_hits(hits, args.json))
     return EXIT_OK
 
 

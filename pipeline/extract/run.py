@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,13 +20,14 @@ from pipeline.extract.commit import ChunkCommitter
 from pipeline.extract.consolidate import Consolidated, consolidate
 from pipeline.extract.dataset import Batch, ShardStream
 from pipeline.extract.inputs import DEFAULT_GROUP_SIZE, ShardRef, resolve_shards
-from pipeline.extract.model import ModelConfig, check_output, load_model
-from pipeline.extract.model import check as check_model
 from pipeline.extract.reader import ReadConfig
 from pipeline.extract.runner import ModelRunner
 from pipeline.extract.timing import StageTimer
 from pipeline.image.device import decode_on_device
 from pipeline.image.transform import TransformConfig
+from pipeline.models import check as check_model
+from pipeline.models import load_model
+from pipeline.models.base import ModelConfig, Preprocess, check_output
 from pipeline.outdir import (
     CHUNKS,
     DONE,
@@ -51,6 +52,9 @@ class ExtractConfig:
     out: str
     model: ModelConfig = field(default_factory=ModelConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    # The transform fields the user set (flags); the others follow the model's own preprocessing.
+    # None: all of them (torch.hub models have no preprocessing of their own: featpipe's default).
+    transform_set: frozenset[str] | None = None
     batch_size: int = 256
     workers: int = 4
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -99,18 +103,21 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     shards = resolve_shards(cfg.shards, cfg.group_size)
     out = locate(cfg.out)
     ensure_writable(out, cfg.create_bucket)
-    model, dim, channels_last = _prepare_model(cfg, device, amp)
+    loaded = load_model(cfg.model)
+    cfg = replace(cfg, transform=resolved_transform(cfg.transform, loaded.preprocess, cfg.transform_set))
+    cfg.transform.check()
+    log.info("preprocessing: %s", cfg.transform.describe())
+    model, dim, channels_last = _prepare_model(loaded.image, cfg, device, amp)
     precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
-    run = _make_run(cfg, precision_name, shards, dim)
+    run = _make_run(cfg, precision_name, shards, dim, loaded.versions)
     if device.type == "cpu" and cfg.device == "auto":
         log.warning("no CUDA device: running on the CPU")
     _say_decoders(cfg.transform)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(model_threads())
     log.info(
-        "model %s / %s (%d-dim) on %s, %s, %d shards%s",
-        cfg.model.repo,
-        cfg.model.name,
+        "model %s (%d-dim) on %s, %s, %d shards%s",
+        cfg.model.label,
         dim,
         device,
         precision_name,
@@ -130,7 +137,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
             )
         todo = [s for s in mine if s.name not in done or s.name in damaged]
         log.info("%d of this rank's %d shards to do (%d already finished)", len(todo), len(mine), len(mine) - len(todo))
-        runner = ModelRunner(model, device, amp, cfg.batch_size, channels_last, cfg.compile)
+        runner = ModelRunner(model, device, amp, cfg.batch_size, channels_last, cfg.compile, _stats_of(cfg.transform))
         timer = _embed(todo, runner, cfg, device, out, run.fingerprint, ctx)
         dist.barrier(ctx)
         result, consolidate_s = None, None
@@ -165,33 +172,58 @@ def _say_decoders(transform: TransformConfig) -> None:
         )
 
 
-def _make_run(cfg: ExtractConfig, precision: str, shards: list[ShardRef], dim: int) -> RunInfo:
+def resolved_transform(
+    transform: TransformConfig, spec: Preprocess | None, explicit: frozenset[str] | None
+) -> TransformConfig:
+    """The model's own preprocessing, with the fields the user set on top."""
+    if spec is None or explicit is None:
+        return transform
+    own = {
+        "keep_ratio": spec.resize_mode == "shortest",
+        "resize_size": spec.resize_size,
+        "crop_size": spec.crop_size,
+        "interpolation": spec.interpolation,
+        "mean": tuple(spec.mean),
+        "std": tuple(spec.std),
+    }
+    return replace(transform, **{k: v for k, v in own.items() if k not in explicit})
+
+
+def _stats_of(transform: TransformConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return tuple(transform.mean), tuple(transform.std)
+
+
+def _make_run(
+    cfg: ExtractConfig, precision: str, shards: list[ShardRef], dim: int, versions: dict[str, str]
+) -> RunInfo:
     settings = {"model": cfg.model.fingerprint(), "transform": cfg.transform.fingerprint(), "precision": precision}
-    # What a later `featpipe query` needs to embed a new image the same way (not part of the fingerprint).
+    # What a later `featpipe query` needs to embed a new image the same way (not part of the
+    # fingerprint), and the library versions that made the vectors.
     source = {"model": cfg.model.source(), "transform": cfg.transform.fingerprint(), "precision": precision}
-    return RunInfo(settings, [ShardEntry(s.name, s.url, s.expected) for s in shards], dim, {"embedder": source})
+    extra = {"embedder": source, "preprocessing": cfg.transform.describe(), "versions": versions}
+    return RunInfo(settings, [ShardEntry(s.name, s.url, s.expected) for s in shards], dim, extra)
 
 
 def _prepare_model(
-    cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
+    model: torch.nn.Module, cfg: ExtractConfig, device: torch.device, amp: torch.dtype | None
 ) -> tuple[torch.nn.Module, int, bool]:
     """The model on the device, tried on a dry batch before anything is written, its output size,
     and whether it runs channels-last. Channels-last first, weights and input: convolutions run
     faster so (resnet18 on 2 CPU cores: 27 → 34 img/s; tiny_cnn's step 0.36 → 0.24 ms per image;
     cuDNN's tensor-core kernels want it too), a ViT is unaffected; a model that cannot (a `.view`
     of a convolution's output) runs planar."""
-    model = load_model(cfg.model).to(device)
+    model = model.to(device)
     probe = torch.zeros((2, 3, cfg.transform.crop_size, cfg.transform.crop_size), dtype=torch.uint8, device=device)
     for channels_last in (True, False):
         model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         try:
-            out = ModelRunner(model, device, amp, len(probe), channels_last)(probe)
+            out = ModelRunner(model, device, amp, len(probe), channels_last, stats=_stats_of(cfg.transform))(probe)
             break
         except Exception as exc:
             failure = exc
     else:
         raise UserError(
-            f"model {cfg.model.name} failed on a {tuple(probe.shape)} batch: "
+            f"model {cfg.model.label} failed on a {tuple(probe.shape)} batch: "
             f"{type(failure).__name__}: {first_line(failure)}"
         )
     log.debug("model runs %s", "channels-last" if channels_last else "planar")

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from pipeline.errors import first_line
-from pipeline.image.transform import Normalizer
+from pipeline.image.transform import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 
 log = logging.getLogger("featpipe")
 
@@ -29,9 +29,10 @@ class ModelRunner:
         batch_size: int,
         channels_last: bool = False,
         compile: bool = False,
+        stats: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD),
     ):
         self.model, self.device, self.amp, self.batch_size = model, device, amp, batch_size
-        self.normalize = Normalizer(device, channels_last)
+        self.normalize = Normalizer(device, channels_last, *stats)
         self.compiled = torch.compile(model, dynamic=False) if compile else None
         self._compiled_ran = False
 

@@ -1,7 +1,13 @@
-"""The preprocessing: bytes → a uint8 crop on the CPU, then float and ImageNet statistics on the
+"""The preprocessing: bytes → a uint8 crop on the CPU, then float and the model's mean/std on the
 model's device (4× fewer bytes over PCIe, and no float work in the data workers).
 
-All modes give the same geometry (torchvision's Resize(size, bicubic) then CenterCrop):
+The spec is the model's own (models/ resolves it from timm's data config, the HF image processor
+or open_clip's per-tag config): resize mode (`shortest` side then a centre crop, or `squash` to a
+square), resize size, crop size (equal to the resize size for no crop), interpolation (bicubic or
+bilinear, antialiased like Pillow), mean and std. The default is torch.hub DINOv2's: shortest side
+256 bicubic, crop 224, ImageNet statistics.
+
+All modes give the same geometry (torchvision's Resize(size, interpolation) then CenterCrop):
   exact   the original script's Pillow + torchvision pipeline, pixel for pixel;
   fast    JPEGs decoded by libjpeg-turbo (simplejpeg) at a reduced scale when the source is at least
           twice the target, then torch's vectorised uint8 bicubic resize (antialiased like Pillow's);
@@ -30,6 +36,8 @@ except ImportError:  # optional (the `fast` extra): Pillow's draft mode stands i
     simplejpeg = None
 
 DECODE_MODES = ("fast", "exact", "device")
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+RESIZE_MODES = ("shortest", "squash")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,6 +49,14 @@ class TransformConfig:
     keep_ratio: bool = True
     mode: str = "fast"  # "exact", or "device": plain JPEGs are decoded on the model's device
     max_pixels: int = EXTRACT_MAX_PIXELS  # larger images are recorded as failed, not decoded
+    interpolation: str = "bicubic"  # or "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @property
+    def resize_mode(self) -> str:
+        """shortest: the shorter side to resize_size, aspect kept; squash: both sides to resize_size."""
+        return "shortest" if self.keep_ratio else "squash"
 
     def fingerprint(self) -> dict:
         fp = {
@@ -49,9 +65,21 @@ class TransformConfig:
             "keep_ratio": self.keep_ratio,
             "mode": self.mode,
         }
-        if self.max_pixels != EXTRACT_MAX_PIXELS:  # runs made before the flag existed stay compatible
+        # Keys added since: only when they differ from the old fixed values, so runs made before
+        # them stay compatible (and resume).
+        if self.max_pixels != EXTRACT_MAX_PIXELS:
             fp["max_pixels"] = self.max_pixels
+        if self.interpolation != "bicubic":
+            fp["interpolation"] = self.interpolation
+        if tuple(self.mean) != IMAGENET_MEAN or tuple(self.std) != IMAGENET_STD:
+            fp["mean"], fp["std"] = list(self.mean), list(self.std)
         return fp
+
+    def describe(self) -> str:
+        """One line for the log."""
+        crop = f", centre crop {self.crop_size}" if self.crop_size != self.resize_size or self.keep_ratio else ""
+        stats = ", ".join(f"{v:.4g}" for v in self.mean) + " / " + ", ".join(f"{v:.4g}" for v in self.std)
+        return f"{self.resize_mode} {self.resize_size} {self.interpolation}{crop}, mean/std {stats}, decode {self.mode}"
 
     def check(self) -> None:
         """Sizes a model can use; an absurd one would make every image try a huge allocation."""
@@ -64,6 +92,13 @@ class TransformConfig:
             raise UserError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.mode not in DECODE_MODES:
             raise UserError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {self.mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"--interpolation must be bicubic or bilinear, got {self.interpolation!r}")
+        for flag, values in (("--mean", self.mean), ("--std", self.std)):
+            if len(values) != 3 or not all(isinstance(v, float | int) for v in values):
+                raise UserError(f"{flag} takes three numbers (R G B), got {values!r}")
+        if not all(v > 0 for v in self.std):
+            raise UserError(f"--std values must be positive, got {self.std!r}")
 
 
 def crop_uint8(data: bytes, cfg: TransformConfig) -> torch.Tensor:
@@ -77,7 +112,7 @@ def crop_with_size(data: bytes, cfg: TransformConfig) -> tuple[torch.Tensor, tup
         im = to_rgb(upright(open_image(data, cfg.max_pixels)), exact=True)
         size = im.size
         target = [cfg.resize_size] if cfg.keep_ratio else [cfg.resize_size, cfg.resize_size]
-        im = TF.resize(im, target, interpolation=InterpolationMode.BICUBIC)
+        im = TF.resize(im, target, interpolation=INTERPOLATIONS[cfg.interpolation])
         im = TF.center_crop(im, [cfg.crop_size, cfg.crop_size])
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1), size
     pixels, full_size = decode_fast(data, cfg.resize_size, cfg.max_pixels)
@@ -131,7 +166,7 @@ def resize_crop_tensor(
     w, h = full_size or (im.shape[-1], im.shape[-2])
     new_w, new_h, left, top = resized_geometry(w, h, cfg)
     if (im.shape[-1], im.shape[-2]) != (new_w, new_h):
-        im = F2.resize(im, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        im = F2.resize(im, [new_h, new_w], interpolation=INTERPOLATIONS[cfg.interpolation], antialias=True)
     return im[:, top : top + cfg.crop_size, left : left + cfg.crop_size]
 
 
@@ -141,9 +176,15 @@ class Normalizer:
     (x/255 - mean)/std = x·(1/(255·std)) - mean/std. The result is planar, or channels-last for a
     channels-last model (the workers' layout: no transpose at all, and a CNN runs faster on it)."""
 
-    def __init__(self, device: torch.device, channels_last: bool = False):
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    def __init__(
+        self,
+        device: torch.device,
+        channels_last: bool = False,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ):
+        mean = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
         self.scale = (1 / (255 * std)).float().to(device)
         self.shift = (mean / std).float().to(device)
         self.channels_last = channels_last

@@ -138,9 +138,12 @@ def run_query(
     k: int,
     device: str = "cpu",
     timeout_s: float = 30,
+    texts: list[str] = (),
 ) -> list[Hit]:
     if k < 1:
         raise UserError(f"-k must be at least 1, got {k}")
+    if not queries and not texts:
+        raise UserError("nothing to search for: give a QUERY or --text")
     target_spec = os.fspath(target_spec)
     target = Target(target_spec)
     labels, vectors = [], []
@@ -160,6 +163,11 @@ def run_query(
                 embedder = Embedder(target.embedder, target_spec, device)
             labels.append(q)
             vectors.append(embedder(q, timeout_s))
+    if texts:
+        if embedder is None:
+            embedder = Embedder(target.embedder, target_spec, device)
+        labels += [f"text: {t}" for t in texts]
+        vectors.append(embedder.texts(texts))
     x = np.concatenate(vectors).astype(np.float32)
     if x.shape[1] != target.dim:
         raise UserError(f"{target_spec} holds {target.dim}-dim vectors; the queries are {x.shape[1]}-dim")
@@ -200,17 +208,33 @@ class Embedder:
         import torch
 
         from pipeline.dist import pick_device
-        from pipeline.extract.model import ModelConfig, load_model
         from pipeline.extract.runner import ModelRunner
         from pipeline.image.transform import TransformConfig
+        from pipeline.models import load_model
+        from pipeline.models.base import ModelConfig
 
         m = meta["model"]
         t = dict(meta["transform"])
         t["mode"] = "fast" if t.get("mode") == "device" else t.get("mode", "fast")
+        for key in ("mean", "std"):
+            if key in t:
+                t[key] = tuple(t[key])
         self.transform = TransformConfig(**t)
         self.device = torch.device(pick_device(device, 0))
-        model = load_model(ModelConfig(m["repo"], m["name"], m["weights"])).to(self.device)
-        self.run = ModelRunner(model, self.device, None, 1)
+        self.model = ModelConfig(m["repo"], m["name"], m["weights"], m.get("model"))
+        loaded = load_model(self.model)
+        model = loaded.image.to(self.device)
+        self.text = loaded.text
+        self.run = ModelRunner(model, self.device, None, 1, stats=(self.transform.mean, self.transform.std))
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        """Text queries through the model's text tower, into the image vectors' space."""
+        if self.text is None:
+            raise UserError(
+                f"the model {self.model.label} has no text tower: query by image, key, path or vectors "
+                "(text needs an open_clip or a CLIP/SigLIP hf: model)"
+            )
+        return self.text(list(texts)).float().cpu().numpy()
 
     def __call__(self, source: str, timeout_s: float) -> np.ndarray:
         import fsspec

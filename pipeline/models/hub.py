@@ -1,17 +1,18 @@
-"""Load the embedding model: torch.hub from GitHub (cached in TORCH_HOME), a local hub directory,
-and optionally local weights. Offline failures become one actionable line."""
+"""Models from torch.hub (`hub:owner/repo[:ref]/entry`, or --model-repo/--model-name): GitHub
+(cached in TORCH_HOME) or a local hub directory, optionally with local weights; ImageNet
+preprocessing (featpipe's default). Offline failures become one actionable line."""
 
 from __future__ import annotations
 
 import os
 import re
 import urllib.error
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import UserError, first_line
+from pipeline.models.base import Loaded, ModelConfig
 
 _GITHUB_REPO = re.compile(r"[\w.-]+/[\w.-]+(:[\w./-]+)?")
 LOCAL_HUB = Path(__file__).resolve().parents[1] / "hub"
@@ -20,25 +21,6 @@ _OFFLINE_HELP = (
     "--model-repo PATH to a local checkout or any directory with a hubconf.py, with --weights FILE "
     f"for local weights (featpipe ships an offline one: {LOCAL_HUB})"
 )
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    repo: str = "facebookresearch/dinov2"
-    name: str = "dinov2_vits14"
-    weights: str | None = None
-
-    def fingerprint(self) -> dict:
-        weights = None
-        if self.weights:
-            st = os.stat(self.weights)
-            weights = {"file": os.path.basename(self.weights), "bytes": st.st_size}
-        return {"repo": self.repo, "name": self.name, "weights": weights}
-
-    def source(self) -> dict:
-        """Where to load the same model again later (absolute local paths)."""
-        repo = os.path.abspath(self.repo) if is_local_repo(self.repo) else self.repo
-        return {"repo": repo, "name": self.name, "weights": os.path.abspath(self.weights) if self.weights else None}
 
 
 def is_local_repo(repo: str) -> bool:
@@ -56,7 +38,22 @@ def check(cfg: ModelConfig) -> None:
         raise UserError(f"--model-repo {cfg.repo}: no such directory, and not a GitHub owner/repo[:ref]")
 
 
-def load_model(cfg: ModelConfig) -> torch.nn.Module:
+def load(cfg: ModelConfig) -> Loaded:
+    return Loaded(load_module(cfg), None, None, {"torch": torch.__version__})
+
+
+def from_spec(cfg: ModelConfig) -> ModelConfig:
+    """`hub:owner/repo[:ref]/entry` (or `hub:/local/dir/entry`) as --model-repo / --model-name."""
+    ident = cfg.spec.split(":", 1)[1]
+    repo, _, name = ident.rpartition("/")
+    if not repo or not name:
+        raise UserError(
+            f"--model {cfg.spec}: give hub:owner/repo[:ref]/entry, e.g. hub:facebookresearch/dinov2/dinov2_vits14"
+        )
+    return ModelConfig(repo, name, cfg.weights)
+
+
+def load_module(cfg: ModelConfig) -> torch.nn.Module:
     check(cfg)
     kwargs = {"pretrained": False} if cfg.weights else {}
     try:
@@ -146,11 +143,3 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
         raise UserError(
             f"--weights {path} do not fit the model: {lines[1].strip() if len(lines) > 1 else first_line(exc)}"
         ) from None
-
-
-def check_output(out: torch.Tensor, batch: int) -> None:
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(
-            f"the model must return a 2-D (batch, dim) tensor of features; for a batch of {batch} it returned {shape}"
-        )
