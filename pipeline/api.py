@@ -42,6 +42,7 @@ __all__ = [
     "match",
     "pack",
     "query",
+    "serve",
     "show",
 ]
 
@@ -181,6 +182,16 @@ def query(
     items = [queries] if isinstance(queries, str | os.PathLike) else list(queries)
     texts = [texts] if isinstance(texts, str) else list(texts)
     return run_query(os.fspath(target), [os.fspath(q) for q in items], k, device, timeout_s, texts)
+
+
+def serve(target: PathLike, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", **limits: Any) -> None:
+    """Run the query service (see `featpipe serve`) until interrupted; `limits` are
+    serve.engine.Limits' fields (max_k, max_upload, max_batch, allow_urls, …). To mount it in your
+    own ASGI app instead: `pipeline.serve.web.create_app(target, device, Limits(...))`."""
+    from pipeline.serve.engine import Limits
+    from pipeline.serve.server import serve as run
+
+    run(os.fspath(target), host, port, device, Limits(**limits))
 
 
 def show(source: PathLike, page: PathLike, sample: int = 100, thumb: int = 128, per_page: int = 25) -> list[str]:

@@ -1,11 +1,17 @@
 """Image URLs given as queries: fetched over http(s) with a timeout on connecting and on each read,
 a cap on bytes, and a failure said as what happened (HTTP 404 from …, timed out after N s,
-connection refused), never a hang or a guess."""
+connection refused), never a hang or a guess. For a service (`public_only`), the URL must name a
+public address: http(s) only, no loopback, private, link-local or reserved address, no redirect
+(each hop would need the same check). The name is resolved and checked before connecting; a DNS
+answer that changes between the check and the connection is not caught (a resolver you trust is
+assumed, or run the service without --allow-urls)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from pipeline.errors import UserError, first_line
@@ -17,12 +23,38 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def fetch_url(url: str, timeout_s: float, max_bytes: int = MAX_BYTES) -> bytes:
+class Forbidden(UserError):
+    """A URL a service must not fetch."""
+
+
+def check_public(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Forbidden(f"only http and https URLs are fetched, not {parts.scheme or 'this'}: {url}")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, ValueError) as exc:
+        raise UserError(f"cannot fetch {url}: host not found ({first_line(exc)})") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not address.is_global or address.is_multicast:
+            raise Forbidden(f"{url} resolves to {address}, a loopback, private or reserved address: not fetched")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed", headers, fp)
+
+
+def fetch_url(url: str, timeout_s: float, max_bytes: int = MAX_BYTES, public_only: bool = False) -> bytes:
     """The body of a GET; UserError with the cause in one line. The timeout bounds the connection
     and every read (a server that sends nothing is given up on after `timeout_s`)."""
+    if public_only:
+        check_public(url)
     request = urllib.request.Request(url, headers={"User-Agent": "featpipe"})
+    opener = urllib.request.build_opener(_NoRedirect) if public_only else urllib.request.build_opener()
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with opener.open(request, timeout=timeout_s) as response:
             data = response.read(max_bytes + 1)
     except urllib.error.HTTPError as exc:
         raise UserError(f"HTTP {exc.code} {exc.reason} from {url}") from None

@@ -1,5 +1,5 @@
 """The `featpipe` command line: one parser per verb, in cli/produce.py (pack, extract, consolidate,
-verify) and cli/retrieve.py (match, dedup, index, query, show); each stage's module is
+verify) and cli/retrieve.py (match, dedup, index, query, show, serve); each stage's module is
 imported only when its command runs, so `featpipe pack` starts fast and its workers stay light
 (no torch). Imports go one way: this module → the stages, never back."""
 
@@ -11,7 +11,7 @@ import sys
 
 from pipeline import __version__
 from pipeline.cli.produce import add_consolidate_verify, add_extract, add_pack
-from pipeline.cli.retrieve import add_dedup, add_index, add_match, add_show
+from pipeline.cli.retrieve import add_dedup, add_index, add_match, add_serve, add_show
 from pipeline.cpu import prefer_sleeping_threads
 from pipeline.errors import EXIT_ABORTED, UserError, reason
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dedup(sub)
     add_index(sub)
     add_show(sub)
+    add_serve(sub)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.args import add_barrier_timeout, cosine, positive, size
+from pipeline.cli.args import add_barrier_timeout, cosine, non_negative, positive, size
 from pipeline.errors import EXIT_OK
 
 
@@ -128,6 +128,33 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_cmd_query)
 
 
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("serve", help="the index as a query service with a page in the browser")
+    v.add_argument("target", metavar="INDEX_OR_FEATURES", help="an index folder, or FEATURES searched exactly")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=non_negative, default=8000, help="port (default 8000; 0 picks a free one)")
+    v.add_argument("--device", default="auto", help="where to embed image and text queries: auto, cpu, cuda")
+    v.add_argument(
+        "-k", type=positive, default=10, help="neighbours per query when a request does not say (default 10)"
+    )
+    v.add_argument("--max-k", type=positive, default=1000, help="largest k + offset a request may ask (default 1000)")
+    v.add_argument(
+        "--max-upload", type=size, default=20 << 20, metavar="SIZE", help="largest image upload (default 20MiB)"
+    )
+    v.add_argument("--max-batch", type=positive, default=32, help="image queries embedded together (default 32)")
+    v.add_argument(
+        "--batch-wait-ms", type=non_negative, default=5, help="how long an image query waits for company (default 5)"
+    )
+    v.add_argument("--queue", type=positive, default=256, help="image queries waiting before 503 (default 256)")
+    v.add_argument(
+        "--allow-urls",
+        action="store_true",
+        help="search by image URL (http/https to public addresses only, no redirects, 10 s timeout)",
+    )
+    v.add_argument("--cors", metavar="ORIGIN", default=None, help="allow this origin's pages to call the API")
+    v.set_defaults(run=_cmd_serve)
+
+
 def add_show(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("show", help="a static HTML page of a match's neighbours or a dedup's groups")
     s.add_argument("source", metavar="MATCH_OR_DEDUP", help="the OUT folder of featpipe match or featpipe dedup")
@@ -173,6 +200,24 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
     hits = run_query(args.target, args.queries, args.k, args.device, args.timeout, args.text)
     print(format_hits(hits, args.json))
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.dist import pick_device
+    from pipeline.serve.engine import Limits
+    from pipeline.serve.server import serve
+
+    limits = Limits(
+        default_k=args.k,
+        max_k=args.max_k,
+        max_upload=args.max_upload,
+        max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait_ms / 1000,
+        queue=args.queue,
+        allow_urls=args.allow_urls,
+    )
+    serve(args.target, args.host, args.port, pick_device(args.device, 0), limits, args.cors)
     return EXIT_OK
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import UserError, reason
+
+if TYPE_CHECKING:
+    import torch
 from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import load_run
 from pipeline.retrieve import load_faiss
@@ -77,6 +81,14 @@ class Target:
         return fs.keys or [None] * fs.n, fs.paths or [None] * fs.n
 
     @cached_property
+    def row_of(self) -> dict[str, int]:
+        """Row by key or path."""
+        keys, paths = self.ids
+        return {v: i for i, v in enumerate(keys) if v is not None} | {
+            v: i for i, v in enumerate(paths) if v is not None
+        }
+
+    @cached_property
     def embedder(self) -> dict | None:
         if self.meta:
             return self.meta.get("embedder")
@@ -99,6 +111,17 @@ class Target:
         set_search_parameter(index, self.meta["search_parameter"], self.meta["value"])
         return index
 
+    def warm(self) -> None:
+        """Read everything a search needs now (a service answers its first query as fast as the next)."""
+        _ = self.ids, self.row_of
+        _ = self._index if self.meta else self._exact
+
+    @cached_property
+    def _exact(self) -> ExactSearch:
+        fs = self.features
+        tiling = plan_tiles(fs.n, fs.dim, 1000 + CANDIDATE_MARGIN, 2 * 10**9)
+        return ExactSearch(fs, valid_rows(fs, tiling.db_rows), tiling)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw query rows → (row ids, -1 where none; exact cosines)."""
         count = k + CANDIDATE_MARGIN
@@ -108,9 +131,7 @@ class Target:
             if self.features is None:  # the stored vectors are gone: the index's own scores
                 return cand.ids[:, :k], np.where(cand.ids[:, :k] >= 0, cand.scores[:, :k], np.nan)
         else:
-            fs = self.features
-            tiling = plan_tiles(fs.n, fs.dim, count, 2 * 10**9)
-            exact = ExactSearch(fs, valid_rows(fs, tiling.db_rows), tiling)
+            exact = self._exact
             cand = exact.candidates(normalize(queries), count)
         no_identity = np.full(len(queries), -1)
         ids, scores = finish_rows(self.features, no_identity, queries, cand, k, "keep", exact)
@@ -148,8 +169,7 @@ def run_query(
     target = Target(target_spec)
     labels, vectors = [], []
     embedder = None
-    keys, paths = target.ids
-    lookup = {v: i for i, v in enumerate(keys) if v is not None} | {v: i for i, v in enumerate(paths) if v is not None}
+    lookup = target.row_of
     for q in queries:
         if q.endswith(".npy") and not is_url(q):
             rows = _npy_queries(q)
@@ -168,18 +188,25 @@ def run_query(
             embedder = Embedder(target.embedder, target_spec, device)
         labels += [f"text: {t}" for t in texts]
         vectors.append(embedder.texts(texts))
-    x = np.concatenate(vectors).astype(np.float32)
-    if x.shape[1] != target.dim:
-        raise UserError(f"{target_spec} holds {target.dim}-dim vectors; the queries are {x.shape[1]}-dim")
+    return search_hits(target, labels, np.concatenate(vectors), k)
+
+
+def search_hits(target: Target, labels: list[str], x: np.ndarray, k: int, offset: int = 0) -> list[Hit]:
+    """Hits k at a time from rank `offset`, for query vectors `x` (one per label)."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != target.dim:
+        width = x.shape[-1] if x.ndim else 0
+        raise UserError(f"{target.spec} holds {target.dim}-dim vectors; the queries are {width}-dim")
     unusable = ~(np.isfinite(x).all(axis=1) & (np.abs(x).sum(axis=1) > 0))
     if unusable.any():
         bad = labels[int(np.argmax(unusable))]
         raise UserError(f"query {bad} is a NaN, infinite or all-zero vector: it has no direction to search")
-    ids, scores = target.search(x, k)
+    keys, paths = target.ids
+    ids, scores = target.search(x, k + offset)
     return [
         Hit(labels[i], r, float(scores[i, r]), int(ids[i, r]), keys[ids[i, r]], paths[ids[i, r]])
         for i in range(len(labels))
-        for r in range(ids.shape[1])
+        for r in range(offset, ids.shape[1])
         if ids[i, r] >= 0
     ]
 
@@ -237,9 +264,10 @@ class Embedder:
         return self.text(list(texts)).float().cpu().numpy()
 
     def __call__(self, source: str, timeout_s: float) -> np.ndarray:
-        import fsspec
+        return self.embed(self.crop(self.read(source, timeout_s), source)[None])
 
-        from pipeline.image.transform import crop_uint8
+    def read(self, source: str, timeout_s: float) -> bytes:
+        import fsspec
 
         try:
             if is_url(source):
@@ -253,11 +281,20 @@ class Embedder:
             raise UserError(f"query {source!r} is not a key or path in the set, a .npy, nor an image file") from None
         except Exception as exc:
             raise UserError(f"cannot read query {source}: {reason(exc)}") from None
+        return data
+
+    def crop(self, data: bytes, source: str) -> torch.Tensor:
+        """The run's transform on the CPU: a (3, C, C) uint8 crop, or one line saying why not."""
+        from pipeline.image.transform import crop_uint8
+
         try:
-            crop = crop_uint8(data, self.transform)
+            return crop_uint8(data, self.transform)
         except Exception as exc:
             raise UserError(f"cannot decode query image {source}: {reason(exc)}") from None
-        return self.run(crop[None].to(self.device)).float().cpu().numpy()
+
+    def embed(self, crops: torch.Tensor) -> np.ndarray:
+        """(B, 3, C, C) uint8 crops → (B, D) vectors, one model call."""
+        return self.run(crops.to(self.device)).float().cpu().numpy()
 
 
 def format_hits(hits: list[Hit], as_json: bool) -> str:

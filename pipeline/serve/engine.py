@@ -1,0 +1,244 @@
+"""What the service does, as plain functions over `featpipe query`'s Target and Embedder: search by
+an uploaded image, a row, a key or path, a vector, a text or (when allowed) a public image URL.
+
+Image queries arriving together are embedded together: each request's crop waits up to
+`batch_wait_s` (or until `max_batch` are waiting) in a queue, then one model call embeds them all
+and one index call searches them all, and each request gets its own hits back. The queue is
+bounded: past `queue` waiting images a request is answered 503 with Retry-After at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.fetch import Forbidden, fetch_url
+from pipeline.image.header import BadImage
+from pipeline.retrieve.query import Embedder, Hit, Target, search_hits
+from pipeline.serve.metrics import Metrics
+
+log = logging.getLogger("featpipe")
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_k: int = 10
+    max_k: int = 1000  # k + offset, per request
+    max_upload: int = 20 << 20  # bytes of one uploaded image (counted while it streams in)
+    max_batch: int = 32  # images embedded in one model call
+    batch_wait_s: float = 0.005  # how long the first image of a batch waits for company
+    queue: int = 256  # images waiting; more are answered 503
+    allow_urls: bool = False
+    url_timeout_s: float = 10.0
+    thumb: int = 160
+    thumb_cache: int = 4096
+
+
+class ServiceError(Exception):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+def _bad(code: str, message: str, status: int = 422) -> ServiceError:
+    return ServiceError(status, code, message)
+
+
+class Engine:
+    """The loaded index (or features) and model; thread-safe searches; the image batcher."""
+
+    def __init__(self, spec: str, device: str = "cpu", limits: Limits = Limits()):
+        self.limits = limits
+        self.metrics = Metrics()
+        self.target = Target(spec)
+        self.target.warm()
+        self.embedder = Embedder(self.target.embedder, spec, device) if self.target.embedder else None
+        self._model = ThreadPoolExecutor(1, thread_name_prefix="featpipe-model")  # one model call at a time
+        self._decode = ThreadPoolExecutor(4, thread_name_prefix="featpipe-decode")
+        self._waiting: list[tuple] = []
+        self._wake: asyncio.Event | None = None
+        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+
+    # -- what the service knows ----------------------------------------------------------------
+
+    def info(self) -> dict:
+        t = self.target
+        meta = t.meta or {}
+        embedder = t.embedder or {}
+        return {
+            "n": len(t.ids[0]),
+            "dim": t.dim,
+            "index": meta.get("index_key", "exact search over the features"),
+            "estimated_recall_at_10": meta.get("estimated_recall_at_10", 1.0),
+            "model": embedder.get("model"),
+            "transform": embedder.get("transform"),
+            "image_queries": self.embedder is not None,
+            "text_queries": bool(self.embedder and self.embedder.text),
+            "limits": asdict(self.limits),
+        }
+
+    def check_k(self, k: int | None, offset: int | None) -> tuple[int, int]:
+        k = self.limits.default_k if k is None else k
+        offset = offset or 0
+        if not isinstance(k, int) or not isinstance(offset, int) or k < 1 or offset < 0:
+            raise _bad("bad_k", "k must be an integer ≥ 1 and offset an integer ≥ 0")
+        if k + offset > self.limits.max_k:
+            raise _bad("bad_k", f"k + offset must be at most {self.limits.max_k}, got {k + offset}")
+        return k, offset
+
+    # -- searches that need no model -------------------------------------------------------------
+
+    def by_vectors(self, label: str, x: np.ndarray, k: int, offset: int) -> list[Hit]:
+        try:
+            return search_hits(self.target, [label], x, k, offset)
+        except UserError as exc:
+            raise _bad("bad_vector", str(exc)) from None
+
+    def by_row(self, row: int, k: int, offset: int) -> list[Hit]:
+        n = len(self.target.ids[0])
+        if not isinstance(row, int) or not 0 <= row < n:
+            raise ServiceError(404, "unknown_row", f"no row {row} in the index (it has rows 0 to {n - 1})")
+        return self.by_vectors(f"row {row}", self.target.vector_of(row), k, offset)
+
+    def by_key(self, key: str, k: int, offset: int) -> list[Hit]:
+        row = self.target.row_of.get(key)
+        if row is None:
+            raise ServiceError(404, "unknown_key", "no such key or path in the index")
+        return self.by_vectors(key, self.target.vector_of(row), k, offset)
+
+    def by_vector(self, values: object, k: int, offset: int) -> list[Hit]:
+        try:
+            x = np.asarray(values, dtype=np.float32).reshape(1, -1)
+        except (TypeError, ValueError):
+            raise _bad("bad_vector", "vector must be a list of numbers") from None
+        if x.shape[1] != self.target.dim:
+            raise _bad("bad_vector", f"the index holds {self.target.dim}-dim vectors; this one has {x.shape[1]}")
+        return self.by_vectors("vector", x, k, offset)
+
+    def by_text(self, text: str, k: int, offset: int) -> list[Hit]:
+        if not self.embedder or not self.embedder.text:
+            raise _bad("no_text_model", "the model that made this index has no text tower: search by image or row")
+        if not isinstance(text, str) or not text.strip() or len(text) > 1000:
+            raise _bad("bad_text", "text must be 1 to 1000 characters")
+        return self.by_vectors(f"text: {text}", self.embedder.texts([text]), k, offset)
+
+    # -- image queries: decoded in threads, embedded in batches ---------------------------------
+
+    async def by_image(self, data: bytes, k: int, offset: int) -> list[Hit]:
+        if self.embedder is None:
+            raise _bad("no_model", "this index records no model: search by row, key or vector")
+        if not data:
+            raise _bad("empty", "the upload is empty")
+        loop = asyncio.get_running_loop()
+        crop = await loop.run_in_executor(self._decode, self._crop, data)
+        return await self._batched(crop, k, offset)
+
+    async def by_url(self, url: str, k: int, offset: int) -> list[Hit]:
+        if not self.limits.allow_urls:
+            raise ServiceError(400, "urls_disabled", "searching by URL is off (start the service with --allow-urls)")
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(
+                self._decode, lambda: fetch_url(url, self.limits.url_timeout_s, self.limits.max_upload, True)
+            )
+        except Forbidden as exc:
+            raise ServiceError(400, "url_forbidden", str(exc)) from None
+        except UserError as exc:
+            raise ServiceError(400, "url_failed", str(exc)) from None
+        return await self.by_image(data, k, offset)
+
+    def _crop(self, data: bytes):
+        try:
+            return self.embedder.crop(data, "the upload")
+        except UserError as exc:
+            if "over the limit of" in str(exc) or "DecompressionBomb" in str(exc):
+                raise ServiceError(413, "too_many_pixels", str(exc)) from None
+            raise _bad("not_an_image", str(exc)) from None
+        except BadImage as exc:
+            raise _bad("not_an_image", str(exc)) from None
+
+    async def _batched(self, crop, k: int, offset: int) -> list[Hit]:
+        if len(self._waiting) >= self.limits.queue:
+            raise ServiceError(503, "busy", "too many image queries waiting; retry shortly", retry_after=1)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append((crop, k, offset, future))
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._batch_task = loop.create_task(self._batch_loop())
+        self._wake.set()
+        return await future
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            if len(self._waiting) < self.limits.max_batch:
+                await asyncio.sleep(self.limits.batch_wait_s)
+            batch, self._waiting = self._waiting[: self.limits.max_batch], self._waiting[self.limits.max_batch :]
+            if not self._waiting:
+                self._wake.clear()
+            if not batch:
+                continue
+            self.metrics.batch(len(batch))
+            try:
+                results = await loop.run_in_executor(self._model, self._embed_and_search, batch)
+            except Exception as exc:  # handed to every request of the batch
+                results = [exc] * len(batch)
+            for (*_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
+
+    def _embed_and_search(self, batch: list[tuple]) -> list[list[Hit]]:
+        import torch
+
+        x = self.embedder.embed(torch.stack([b[0] for b in batch]))
+        deepest = max(k + offset for _, k, offset, _ in batch)
+        labels = [f"image {i}" for i in range(len(batch))]
+        hits = search_hits(self.target, labels, x, deepest)
+        by_query: dict[str, list[Hit]] = {label: [] for label in labels}
+        for h in hits:
+            by_query[h.query].append(h)
+        return [
+            [Hit("image", h.rank, h.score, h.row, h.key, h.path) for h in by_query[label][offset : offset + k]]
+            for label, (_, k, offset, _) in zip(labels, batch, strict=True)
+        ]
+
+    # -- thumbnails of rows the index knows -------------------------------------------------------
+
+    def thumbnail(self, row: int) -> tuple[bytes, str]:
+        n = len(self.target.ids[0])
+        if not 0 <= row < n:
+            raise ServiceError(404, "unknown_row", f"no row {row} in the index")
+        with self._thumb_lock:
+            data = self._thumbs.get(row)
+        if data is None:
+            data = self._make_thumbnail(row)
+            with self._thumb_lock:
+                self._thumbs[row] = data
+                while len(self._thumbs) > self.limits.thumb_cache:
+                    self._thumbs.popitem(last=False)
+        return data, hashlib.sha1(data).hexdigest()[:16]
+
+    def _make_thumbnail(self, row: int) -> bytes:
+        import base64
+
+        from pipeline.retrieve.show import Thumbnails
+
+        uri = Thumbnails(self.target.features, self.limits.thumb).make({row}).get(row)
+        if not uri:
+            raise ServiceError(404, "no_picture", f"row {row} has no readable picture (its shard or file is gone)")
+        return base64.b64decode(uri.split(",", 1)[1])
+
+    def timed(self, kind: str, started: float) -> None:
+        self.metrics.query(kind, time.perf_counter() - started)
