@@ -65,6 +65,7 @@ bench: install
 	$(BIN)/python tools/bench_match.py
 	$(BIN)/python tools/bench_pack_plan.py
 	$(BIN)/python tools/bench_stores.py
+	$(BIN)/python tools/bench_serve.py
 
 clean:
 	rm -rf data/demo bench-out
