@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python tools/bench_pack_plan.py
 	$(BIN)/python tools/bench_stores.py
 	$(BIN)/python tools/bench_serve.py
+	$(BIN)/python tools/bench_models.py
 
 clean:
 	rm -rf data/demo bench-out

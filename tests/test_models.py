@@ -174,18 +174,16 @@ def test_open_clip_image_features_and_text_queries(images, tmp_path):
     with torch.inference_mode():
         by_hand = model.encode_text(open_clip.get_tokenizer("ViT-B-32")(["a red car"])).numpy()
     np.save(tmp_path / "t.npy", by_hand)
-    out = run_cli("query", tmp_path / "e", "--text", "a red car", "-k", "4", "--json").stdout
-    ref_out = run_cli("query", tmp_path / "e", tmp_path / "t.npy", "-k", "4", "--json").stdout
+    out = run_cli("query", tmp_path / "e", "--text", "a red car", "-k", "4", "--json").stdout  # the CLI's door
     rows = [(json.loads(ln)["row"], round(json.loads(ln)["score"], 5)) for ln in out.splitlines()]
-    ref_rows = [(json.loads(ln)["row"], round(json.loads(ln)["score"], 5)) for ln in ref_out.splitlines()]
+    ref_rows = [(h.row, round(h.score, 5)) for h in api.query(tmp_path / "e", tmp_path / "t.npy", k=4)]
     assert rows == ref_rows and len(rows) == 4
 
 
 def test_text_on_a_model_without_a_text_tower_is_one_line(images, tmp_path):
     from conftest import ROOT
 
-    hub = ["--model-repo", str(ROOT / "pipeline" / "hub"), "--model-name", "vit_tiny_p14", "--no-progress"]
-    run_cli("extract", images, tmp_path / "o", *hub, "--workers", "0")
+    api.extract(images, tmp_path / "o", model="vit_tiny_p14", repo=str(ROOT / "pipeline" / "hub"), workers=0)
     proc = run_cli("query", tmp_path / "o", "--text", "a cat", check=False)
     assert proc.returncode == 1 and "has no text tower" in proc.stderr.strip().splitlines()[-1]
     proc = run_cli("extract", images, tmp_path / "x", "--model", "nope:thing", check=False)

@@ -350,7 +350,7 @@ def _stats(
     stats = {
         "device": str(device),
         "precision": precision,
-        "model": {"repo": cfg.model.repo, "name": cfg.model.name},
+        "model": {"repo": cfg.model.repo, "name": cfg.model.name} if not cfg.model.spec else {"model": cfg.model.spec},
         "dim": dim,
         "rank": ctx.rank,
         "world_size": ctx.world,
