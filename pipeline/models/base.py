@@ -33,8 +33,6 @@ class ModelConfig:
 
     def source(self) -> dict:
         """Where to load the same model again later (absolute local paths)."""
-        from pipeline.models.hub import is_local_repo
-
         repo = os.path.abspath(self.repo) if is_local_repo(self.repo) else self.repo
         weights = os.path.abspath(self.weights) if self.weights else None
         return {"repo": repo, "name": self.name, "weights": weights, "model": self.spec}
@@ -42,6 +40,11 @@ class ModelConfig:
     @property
     def label(self) -> str:
         return self.spec or f"{self.repo} / {self.name}"
+
+
+def is_local_repo(repo: str) -> bool:
+    """A torch.hub repo given as a local directory (with a hubconf.py), not GitHub's owner/repo."""
+    return os.path.isdir(repo)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError, first_line
-from pipeline.models.base import Loaded, ModelConfig
+from pipeline.models.base import Loaded, ModelConfig, is_local_repo
 
 _GITHUB_REPO = re.compile(r"[\w.-]+/[\w.-]+(:[\w./-]+)?")
 LOCAL_HUB = Path(__file__).resolve().parents[1] / "hub"
@@ -21,10 +21,6 @@ _OFFLINE_HELP = (
     "--model-repo PATH to a local checkout or any directory with a hubconf.py, with --weights FILE "
     f"for local weights (featpipe ships an offline one: {LOCAL_HUB})"
 )
-
-
-def is_local_repo(repo: str) -> bool:
-    return os.path.isdir(repo)
 
 
 def check(cfg: ModelConfig) -> None:
