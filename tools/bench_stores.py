@@ -10,7 +10,7 @@ Rows (wall time of whole `featpipe` processes, min–max over --runs):
       ceiling (no store, no checks).
   extract s3://bucket/photos (folder mode, the offline vit_tiny_p14, 2 workers): 0 ms vs LATENCY.
   peak RSS of a pack worker over --big images of ~20 MB each, default concurrency (bytes in flight
-      are bounded at 256 MB).
+      are bounded at 64 MB).
 moto itself serves ~60–100 small GETs/s on 2 cores, so it, not featpipe, is the ceiling at 0 ms.
 """
 

@@ -129,7 +129,7 @@ def add_io_concurrency(p: argparse.ArgumentParser, what: str) -> None:
         default=None,
         metavar="N",
         help=f"{what}: reads in flight per worker (default 64 on object stores and HTTP, 4 on local disks; "
-        "at most 256 MB read ahead)",
+        "at most 64 MB read ahead)",
     )
 
 
