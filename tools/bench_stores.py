@@ -46,12 +46,15 @@ def featpipe(*args: str, env: dict) -> float:
 
 
 def peak_rss_mb(*args: str, env: dict) -> float:
-    """Peak RSS of one `featpipe` process (pack with --workers 1 packs in-process), in MB."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"featpipe {' '.join(args)} failed ({status})")
-    return usage.ru_maxrss / 1024
+    """Peak RSS of one `featpipe` process (pack with --workers 1 packs in-process), in MB, measured
+    by GNU time: a child forked straight from this process (holding moto's objects) would report
+    this process's size as its own peak (ru_maxrss survives exec)."""
+    timer = shutil.which("time") or "/usr/bin/time"
+    cmd = [timer, "-f", "%M", sys.executable, "-m", "pipeline", *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"featpipe {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
 def photos(n: int) -> dict[str, bytes]:
