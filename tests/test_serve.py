@@ -198,6 +198,7 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         "--disable-gpu",
         "--disable-background-networking",
         "--disable-component-update",
+        "--window-size=1280,1024",
         "--disable-sync",
         "--no-first-run",
         f"--user-data-dir={tmp_path / 'u'}",

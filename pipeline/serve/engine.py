@@ -1,10 +1,11 @@
 """What the service does, as plain functions over `featpipe query`'s Target and Embedder: search by
 an uploaded image, a row, a key or path, a vector, a text or (when allowed) a public image URL.
 
-Image queries arriving together are embedded together: each request's crop waits up to
-`batch_wait_s` (or until `max_batch` are waiting) in a queue, then one model call embeds them all
-and one index call searches them all, and each request gets its own hits back. The queue is
-bounded: past `queue` waiting images a request is answered 503 with Retry-After at once.
+Queries arriving together are searched together: each request's crop (an image) or vector (a row,
+key or vector query) waits up to `batch_wait_s` (or until `max_batch` are waiting) in a queue, then
+one model call embeds the crops and one index call searches them all (a Flat index searches a batch
+with one matrix product), and each request gets its own hits back. The queue is bounded: past
+`queue` waiting queries a request is answered 503 with Retry-After at once.
 """
 
 from __future__ import annotations
@@ -99,31 +100,41 @@ class Engine:
     # -- searches that need no model -------------------------------------------------------------
 
     def by_vectors(self, label: str, x: np.ndarray, k: int, offset: int) -> list[Hit]:
+        """One search, now, in the calling thread (text queries: their embedding is the cost)."""
         try:
             return search_hits(self.target, [label], x, k, offset)
         except UserError as exc:
             raise _bad("bad_vector", str(exc)) from None
 
-    def by_row(self, row: int, k: int, offset: int) -> list[Hit]:
+    async def by_row(self, row: int, k: int, offset: int) -> list[Hit]:
         n = len(self.target.ids[0])
         if not isinstance(row, int) or not 0 <= row < n:
             raise ServiceError(404, "unknown_row", f"no row {row} in the index (it has rows 0 to {n - 1})")
-        return self.by_vectors(f"row {row}", self.target.vector_of(row), k, offset)
+        return await self._batched(
+            None, self._usable(self.target.vector_of(row), f"row {row}"), k, offset, f"row {row}"
+        )
 
-    def by_key(self, key: str, k: int, offset: int) -> list[Hit]:
+    async def by_key(self, key: str, k: int, offset: int) -> list[Hit]:
         row = self.target.row_of.get(key)
         if row is None:
             raise ServiceError(404, "unknown_key", "no such key or path in the index")
-        return self.by_vectors(key, self.target.vector_of(row), k, offset)
+        return await self._batched(None, self._usable(self.target.vector_of(row), key), k, offset, key)
 
-    def by_vector(self, values: object, k: int, offset: int) -> list[Hit]:
+    async def by_vector(self, values: object, k: int, offset: int) -> list[Hit]:
         try:
             x = np.asarray(values, dtype=np.float32).reshape(1, -1)
         except (TypeError, ValueError):
             raise _bad("bad_vector", "vector must be a list of numbers") from None
         if x.shape[1] != self.target.dim:
             raise _bad("bad_vector", f"the index holds {self.target.dim}-dim vectors; this one has {x.shape[1]}")
-        return self.by_vectors("vector", x, k, offset)
+        return await self._batched(None, self._usable(x, "the vector"), k, offset, "vector")
+
+    @staticmethod
+    def _usable(x: np.ndarray, what: str) -> np.ndarray:
+        """A vector a batch can carry: one NaN or zero vector must not fail the others' search."""
+        if not np.isfinite(x).all() or not np.abs(x).sum() > 0:
+            raise _bad("bad_vector", f"{what} is a NaN, infinite or all-zero vector: it has no direction to search")
+        return np.asarray(x, np.float32).reshape(-1)
 
     def by_text(self, text: str, k: int, offset: int) -> list[Hit]:
         if not self.embedder or not self.embedder.text:
@@ -141,7 +152,7 @@ class Engine:
             raise _bad("empty", "the upload is empty")
         loop = asyncio.get_running_loop()
         crop = await loop.run_in_executor(self._decode, self._crop, data)
-        return await self._batched(crop, k, offset)
+        return await self._batched(crop, None, k, offset, "image")
 
     async def by_url(self, url: str, k: int, offset: int) -> list[Hit]:
         if not self.limits.allow_urls:
@@ -167,12 +178,13 @@ class Engine:
         except BadImage as exc:
             raise _bad("not_an_image", str(exc)) from None
 
-    async def _batched(self, crop, k: int, offset: int) -> list[Hit]:
+    async def _batched(self, crop, vector: np.ndarray | None, k: int, offset: int, label: str) -> list[Hit]:
+        """A crop to embed, or a vector, searched with whatever else is waiting."""
         if len(self._waiting) >= self.limits.queue:
-            raise ServiceError(503, "busy", "too many image queries waiting; retry shortly", retry_after=1)
+            raise ServiceError(503, "busy", "too many queries waiting; retry shortly", retry_after=1)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._waiting.append((crop, k, offset, future))
+        self._waiting.append((crop, vector, k, offset, label, future))
         if self._wake is None:
             self._wake = asyncio.Event()
             self._batch_task = loop.create_task(self._batch_loop())
@@ -200,18 +212,23 @@ class Engine:
                     (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
 
     def _embed_and_search(self, batch: list[tuple]) -> list[list[Hit]]:
-        import torch
+        x = np.zeros((len(batch), self.target.dim), np.float32)
+        crops = [i for i, b in enumerate(batch) if b[0] is not None]
+        if crops:
+            import torch
 
-        x = self.embedder.embed(torch.stack([b[0] for b in batch]))
-        deepest = max(k + offset for _, k, offset, _ in batch)
-        labels = [f"image {i}" for i in range(len(batch))]
-        hits = search_hits(self.target, labels, x, deepest)
-        by_query: dict[str, list[Hit]] = {label: [] for label in labels}
-        for h in hits:
-            by_query[h.query].append(h)
+            x[crops] = self.embedder.embed(torch.stack([batch[i][0] for i in crops]))
+        for i, b in enumerate(batch):
+            if b[0] is None:
+                x[i] = b[1]
+        deepest = max(b[2] + b[3] for b in batch)
+        slots = [str(i) for i in range(len(batch))]
+        by_slot: dict[str, list[Hit]] = {slot: [] for slot in slots}
+        for h in search_hits(self.target, slots, x, deepest):
+            by_slot[h.query].append(h)
         return [
-            [Hit("image", h.rank, h.score, h.row, h.key, h.path) for h in by_query[label][offset : offset + k]]
-            for label, (_, k, offset, _) in zip(labels, batch, strict=True)
+            [Hit(label, h.rank, h.score, h.row, h.key, h.path) for h in by_slot[slot][offset : offset + k]]
+            for slot, (_, _, k, offset, label, _) in zip(slots, batch, strict=True)
         ]
 
     # -- thumbnails of rows the index knows -------------------------------------------------------

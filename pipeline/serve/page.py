@@ -42,7 +42,7 @@ function show(hits) {
     const fig = document.createElement("figure");
     fig.dataset.row = h.row;
     const img = document.createElement("img");
-    img.src = h.thumb; img.alt = h.path || h.key || ("row " + h.row); img.loading = "lazy";
+    img.src = h.thumb; img.alt = h.path || h.key || ("row " + h.row);
     const cap = document.createElement("figcaption");
     const score = document.createElement("span"); score.className = "score"; score.textContent = h.score.toFixed(4);
     const name = document.createElement("div"); name.textContent = (h.path || h.key || "row " + h.row);
