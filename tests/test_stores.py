@@ -59,23 +59,26 @@ def test_a_bucket_prefix_is_listed_with_lists_in_flight(s3, s3_server, tmp_path)
 FLAKY = Faults(reset_every=9, slowdown_every=11, slowdown_burst=2)
 
 
-def test_a_flaky_store_loses_nothing_in_pack_and_folder_extract(s3, s3_server, tmp_path):
+def test_a_flaky_store_loses_nothing_in_pack_and_extract(s3, s3_server, tmp_path):
     fs, bucket = s3
     upload_photos(fs, f"{bucket}/photos", 30)
     run_cli("pack", f"s3://{bucket}/photos", tmp_path / "clean", "--shard-size", "10", "--no-progress", env=s3_server)
     run_cli("extract", f"s3://{bucket}/photos", tmp_path / "fclean", *MODEL, "--workers", "0", env=s3_server)
+    run_cli("extract", tmp_path / "clean", tmp_path / "sclean", *MODEL, "--workers", "0", env=s3_server)
     with FaultProxy(s3_server["AWS_ENDPOINT_URL_S3"], FLAKY) as proxy:
         env = proxy.env(s3_server)
         shards = f"s3://{bucket}/shards"
         run_cli("pack", f"s3://{bucket}/photos", shards, "--shard-size", "10", "--no-progress", env=env)
         out = f"s3://{bucket}/features"
         run_cli("extract", f"s3://{bucket}/photos", out, *MODEL, "--workers", "1", "--group-size", "8", env=env)
+        run_cli("extract", shards, f"s3://{bucket}/from-shards", *MODEL, "--workers", "1", env=env)
         assert proxy.counts.resets >= 3 and proxy.counts.slowdowns >= 3, proxy.counts
     fs.invalidate_cache()
     for name, data in tars(tmp_path / "clean").items():
         assert fs.cat_file(f"{bucket}/shards/{name}") == data, name
     for name in ("fts.npy", "img_list.json"):
         assert fs.cat_file(f"{bucket}/features/{name}") == (tmp_path / "fclean" / name).read_bytes(), name
+        assert fs.cat_file(f"{bucket}/from-shards/{name}") == (tmp_path / "sclean" / name).read_bytes(), name
 
 
 def test_matching_features_in_a_bucket_through_a_flaky_store(s3, s3_server, tmp_path):
