@@ -142,8 +142,8 @@ class Target:
             faiss = load_faiss()
             try:
                 ivf = faiss.extract_index_ivf(self._index) if "IVF" in self.meta["index_key"] else None
-                if ivf is not None:
-                    ivf.make_direct_map()
+                if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+                    ivf.make_direct_map()  # once: it walks every list
                 return self._index.reconstruct(row)[None, :]
             except RuntimeError as exc:
                 raise UserError(
