@@ -61,7 +61,7 @@ def open_stream(url: str):
 # A store that throttles (503 SlowDown) or drops connections for longer than the client's own few
 # retries: writes are tried again this many times, with exponential backoff from WRITE_BACKOFF_S.
 WRITE_RETRIES = 5
-WRITE_BACKOFF_S = 0.5
+WRITE_BACKOFF_S = 0.25
 # s3fs (aiobotocore) keeps 10 connections per client unless told: more reads in flight than that
 # just queue (readmany.py keeps up to 64 per process in flight).
 S3_POOL_CONNECTIONS = 128

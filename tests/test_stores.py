@@ -61,7 +61,7 @@ FLAKY = Faults(reset_every=9, slowdown_every=11, slowdown_burst=2)
 
 def test_a_flaky_store_loses_nothing_in_pack_and_extract(s3, s3_server, tmp_path):
     fs, bucket = s3
-    upload_photos(fs, f"{bucket}/photos", 30)
+    upload_photos(fs, f"{bucket}/photos", 20)
     run_cli("pack", f"s3://{bucket}/photos", tmp_path / "clean", "--shard-size", "10", "--no-progress", env=s3_server)
     run_cli("extract", f"s3://{bucket}/photos", tmp_path / "fclean", *MODEL, "--workers", "0", env=s3_server)
     run_cli("extract", tmp_path / "clean", tmp_path / "sclean", *MODEL, "--workers", "0", env=s3_server)
