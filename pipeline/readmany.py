@@ -1,5 +1,5 @@
-"""Many object reads in flight, results in input order: the one helper pack, folder-mode extract,
-show and query use to read loose objects.
+"""Many object reads in flight, results in input order: the one helper pack, folder-mode extract
+and show use to read loose objects.
 
 A store answers a small GET after 10–50 ms in-region (more across regions); one read at a time
 leaves a worker waiting on that latency for every image (measured here through a loopback proxy
@@ -29,7 +29,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import first_line
-from pipeline.storage import retrying
+from pipeline.storage import UNREADABLE, retrying
 
 log = logging.getLogger("featpipe")
 
@@ -41,8 +41,6 @@ LOCAL_CONCURRENCY = 4
 # buffers, their join, the tar writer's copy): with 256 MB, a pack worker on 19 MB images peaked at
 # 1,246 MB RSS (make bench); 64 MB still keeps ~1.6 GB/s in flight at 40 ms.
 MAX_BYTES_IN_FLIGHT = 64 << 20
-# Not worth retrying: the same answer would come again.
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,7 @@ def _async_submitter(fs: AsyncFileSystem, policy: ReadPolicy) -> tuple[Callable[
         for attempt in range(policy.retries + 1):
             try:
                 return await fs._cat_file(path, **one_get)
-            except PERMANENT:
+            except UNREADABLE:
                 raise
             except Exception as exc:
                 if attempt == policy.retries:

@@ -170,12 +170,16 @@ def check_bucket(loc: Location, create: bool) -> None:
         loc.fs.mkdir(bucket)
 
 
+# A missing or forbidden target: the same answer would come again, so it is not retried.
+UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def retrying(fn: Callable[[], T], retries: int, backoff_s: float, what: str) -> T:
     """fn(), again after a transient failure (exponential backoff); a missing or forbidden target fails at once."""
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except (UserError, *UNREADABLE):
             raise
         except Exception as exc:
             if attempt == retries:

@@ -19,15 +19,12 @@ from pipeline.image.header import IMAGE_EXTENSIONS
 from pipeline.names import clean_text
 from pipeline.readmany import ReadPolicy, read_many
 from pipeline.shardformat import sample_key
-from pipeline.storage import locate, open_stream
+from pipeline.storage import UNREADABLE, locate, open_stream
 
 log = logging.getLogger("featpipe")
 
 # The shard's bytes are damaged: a rerun would find the same, so the shard stays recorded as done.
 _DAMAGE = (tarfile.TarError, EOFError, ValueError)
-# The shard cannot be read now (missing, forbidden): not worth retrying within this run, but the
-# next run tries again.
-_UNREADABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
         except _DAMAGE as exc:  # the bytes themselves: a rerun would find the same
             report.failed = f"{shard.url}: damaged: {reason(exc)} (after {report.read} samples)"
             break
-        except _UNREADABLE as exc:  # missing or forbidden now, perhaps not on the next run
+        except UNREADABLE as exc:  # missing or forbidden now: not retried in this run, the next run tries again
             report.failed = f"{shard.url}: cannot read: {reason(exc)} (after {report.read} samples)"
             report.retry = True
             break

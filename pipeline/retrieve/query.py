@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import UserError, reason
-
-if TYPE_CHECKING:
-    import torch
 from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import load_run
 from pipeline.retrieve import load_faiss
@@ -31,6 +28,9 @@ from pipeline.retrieve.knn import (
     valid_rows,
 )
 from pipeline.storage import local_copy, locate, read_valid_json
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

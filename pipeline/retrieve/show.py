@@ -137,12 +137,16 @@ def _name(fs: FeatureSet | None, row: int) -> str:
 
 
 class Thumbnails:
-    """Small JPEGs as data URIs, read once per shard (tar shards) or per file (folder mode)."""
+    """Small JPEGs (as bytes, or as data URIs for a page), read once per shard (tar shards) or per
+    file (folder mode)."""
 
     def __init__(self, fs: FeatureSet | None, size: int):
         self.fs, self.size = fs, size
 
     def make(self, rows: set[int]) -> dict[int, str]:
+        return {r: "data:image/jpeg;base64," + base64.b64encode(j).decode() for r, j in self.jpegs(rows).items()}
+
+    def jpegs(self, rows: set[int]) -> dict[int, bytes]:
         fs = self.fs
         if fs is None or fs.folder is None or fs.shards is None:
             return {}
@@ -150,23 +154,23 @@ class Thumbnails:
         wanted: dict[str, dict[str, int]] = {}
         for r in sorted(rows):
             wanted.setdefault(fs.shards[r], {})[fs.keys[r]] = r
-        out: dict[int, str] = {}
+        out: dict[int, bytes] = {}
         for shard, keys in sorted(wanted.items()):
             url = urls[shard]
             if url.endswith((".tar", ".tgz", ".tar.gz")):
                 out |= self._from_tar(url, keys)
             else:  # folder mode: the sample's path is the source file, read with many in flight
-                rows = sorted(keys.values())
-                for i, data in read_many(locate(url).fs, [fs.paths[r] for r in rows]):
-                    out[rows[i]] = "" if isinstance(data, BaseException) else self._encode(data)
-        return {r: uri for r, uri in out.items() if uri}
+                ordered = sorted(keys.values())
+                for i, data in read_many(locate(url).fs, [fs.paths[r] for r in ordered]):
+                    out[ordered[i]] = b"" if isinstance(data, BaseException) else self._encode(data)
+        return {r: jpeg for r, jpeg in out.items() if jpeg}
 
-    def _from_tar(self, url: str, keys: dict[str, int]) -> dict[int, str]:
+    def _from_tar(self, url: str, keys: dict[str, int]) -> dict[int, bytes]:
         from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
         from pipeline.image.header import IMAGE_EXTENSIONS
 
-        found: dict[int, str] = {}
+        found: dict[int, bytes] = {}
         try:
             with open_stream(url) as stream:
                 for member in tar_file_iterator(stream):
@@ -179,7 +183,8 @@ class Thumbnails:
             pass
         return found
 
-    def _encode(self, data: bytes) -> str:
+    def _encode(self, data: bytes) -> bytes:
+        """A thumbnail JPEG, or b"" when the image cannot be read."""
         from pipeline.image.decode import load_first_frame, upright
         from pipeline.image.header import open_lazy
 
@@ -189,8 +194,8 @@ class Thumbnails:
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=75)
         except Exception:
-            return ""
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            return b""
+        return buf.getvalue()
 
 
 def _page_name(page: str, i: int) -> str:

@@ -97,7 +97,7 @@ class Engine:
             raise _bad("bad_k", f"k + offset must be at most {self.limits.max_k}, got {k + offset}")
         return k, offset
 
-    # -- searches that need no model -------------------------------------------------------------
+    # -- searches by row, key, vector (batched) and text ------------------------------------------
 
     def by_vectors(self, label: str, x: np.ndarray, k: int, offset: int) -> list[Hit]:
         """One search, now, in the calling thread (text queries: their embedding is the cost)."""
@@ -248,14 +248,12 @@ class Engine:
         return data, hashlib.sha1(data).hexdigest()[:16]
 
     def _make_thumbnail(self, row: int) -> bytes:
-        import base64
-
         from pipeline.retrieve.show import Thumbnails
 
-        uri = Thumbnails(self.target.features, self.limits.thumb).make({row}).get(row)
-        if not uri:
+        jpeg = Thumbnails(self.target.features, self.limits.thumb).jpegs({row}).get(row)
+        if not jpeg:
             raise ServiceError(404, "no_picture", f"row {row} has no readable picture (its shard or file is gone)")
-        return base64.b64decode(uri.split(",", 1)[1])
+        return jpeg
 
     def timed(self, kind: str, started: float) -> None:
         self.metrics.query(kind, time.perf_counter() - started)
