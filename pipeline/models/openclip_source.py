@@ -18,17 +18,22 @@ def load(cfg: ModelConfig) -> Loaded:
         raise UserError(f"--model {cfg.spec}: open_clip has no architecture {arch!r} (open_clip.list_models())")
     try:
         model = open_clip.create_model(arch, pretrained=cfg.weights or tag or None)
-        tokenizer = open_clip.get_tokenizer(arch)
     except RuntimeError as exc:
         raise UserError(f"--model {cfg.spec}: {first_line(exc)}") from None
     except OSError as exc:
         raise UserError(f"--model {cfg.spec}: {first_line(exc)}; {OFFLINE_HELP}") from None
     model.eval()
+    tokenizers = []  # loaded on the first text: SigLIP's comes from the HF hub, and images need none
 
     def encode_text(texts: list[str]) -> torch.Tensor:
+        if not tokenizers:
+            try:
+                tokenizers.append(open_clip.get_tokenizer(arch))
+            except OSError as exc:
+                raise UserError(f"--model {cfg.spec}: its tokenizer: {first_line(exc)}; {OFFLINE_HELP}") from None
         device = next(model.parameters()).device
         with torch.inference_mode():
-            return model.encode_text(tokenizer(texts).to(device))
+            return model.encode_text(tokenizers[0](texts).to(device))
 
     image = Pooled(model, lambda m, x: m.encode_image(x))
     return Loaded(image, preprocess(open_clip, model, arch, tag), encode_text, {"open_clip": open_clip.__version__})
