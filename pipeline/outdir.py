@@ -9,20 +9,26 @@ of (run.json), and which shards are finished (done records), as shardformat.py k
   OUT/stats.json        the last run's figures
   OUT/errors.jsonl      every sample (or shard) that did not become a row, and why
   OUT/fts.npy, fts.pth, img_list.json   the consolidated outputs (names configurable)
+  OUT/removed.json      rows whose source file is gone (pack --relist found it so): kept in place,
+                        so row numbers never move, and left out by match, dedup, index and query
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 
 from pipeline import __version__
 from pipeline.errors import SampleError, UserError
 from pipeline.storage import Location, commit_json, read_json
 
+log = logging.getLogger("featpipe")
+
 RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
+REMOVED_FILE = "removed.json"
 CHUNKS = "chunks"
 DONE = "done"
 FAILED = "failed"  # records of shards that could not be read for a passing reason: the next run retries them
@@ -48,6 +54,7 @@ class ShardEntry:
     name: str
     url: str
     expected: int | None = None  # samples, when a manifest says so
+    generation: int = 0  # the pack listing that planned the shard
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class RunInfo:
         known = {"featpipe_version", "fingerprint", "settings", "shards", "dim"}
         return cls(
             data["settings"],
-            [ShardEntry(s["name"], s["url"], s.get("expected")) for s in data["shards"]],
+            [ShardEntry(s["name"], s["url"], s.get("expected"), s.get("generation", 0)) for s in data["shards"]],
             data.get("dim"),
             {k: v for k, v in data.items() if k not in known},
         )
@@ -132,7 +139,9 @@ def load_run(out: Location) -> RunInfo:
 
 
 def check_compatible(out: Location, run: RunInfo) -> bool:
-    """True when OUT already holds this run; refuses a run made with other settings or shards."""
+    """True when OUT already holds this run; False when there is none yet, or when the shard list
+    grew at its end (pack --relist: the finished shards stay, the new ones are extracted); refuses
+    a run made with other settings or over other shards."""
     if not out.fs.exists(out.join(RUN_FILE)):
         return False
     old = load_run(out)
@@ -142,6 +151,10 @@ def check_compatible(out: Location, run: RunInfo) -> bool:
             f"{out.url()} holds features made with other settings ({', '.join(changed)}); "
             "use --overwrite to replace them, or another OUT"
         )
+    grew = len(run.shards) > len(old.shards) and run.shard_names[: len(old.shards)] == old.shard_names
+    if grew:
+        log.info("%d shards added since the last run into %s", len(run.shards) - len(old.shards), out.url())
+        return False
     if old.shard_names != run.shard_names:
         raise UserError(
             f"{out.url()} holds a run over another shard list ({len(old.shards)} shards, now "
@@ -196,6 +209,6 @@ def finished(out: Location) -> set[str]:
 def clear(out: Location, names: OutputNames) -> None:
     """Everything a run wrote, for --overwrite."""
     fs = out.fs
-    for p in (CHUNKS, DONE, FAILED, RUN_FILE, STATS_FILE, *names.all()):
+    for p in (CHUNKS, DONE, FAILED, RUN_FILE, STATS_FILE, REMOVED_FILE, *names.all()):
         if fs.exists(out.join(p)):
             fs.rm(out.join(p), recursive=True)

@@ -249,12 +249,22 @@ def test_reruns_plan_from_listing_parquet_until_asked_to_list_again(tmp_path):
     run_cli("pack", src, out, "--shard-size", "1", "--relist", "--no-progress")
     assert manifest(out)["totals"]["samples"] == 4 and len(before) == 3
     assert all((out / n).stat().st_mtime_ns == t for n, t in before.items())  # only the new shard was packed
-    # a file that sorts first moves every shard: refused before the listing is replaced
+    # a file that sorts first, and one gone: a new shard after the last, the gone one recorded
     (src / "a.jpg").write_bytes(PHOTOS[4])
+    (src / "b1.jpg").unlink()
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    run_cli("pack", src, out, "--shard-size", "1", "--relist", "--no-progress")
+    m = manifest(out)
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}.items() >= before.items()
+    assert [s["generation"] for s in m["shards"]] == [0, 0, 0, 1, 2] and m["generation"] == 2
+    assert m["removed"] == [{"path": f"{src}/b1.jpg", "generation": 0, "removed_in": 2}]
+    assert m["totals"]["samples"] == 5 and m["totals"]["removed"] == 1
+    with tarfile.open(out / "shard-000004.tar") as t:
+        assert json.loads(t.extractfile(t.getmembers()[1]).read())["relpath"] == "a.jpg"
+    # a relist that finds nothing new changes nothing
     listing = (out / "listing.parquet").read_bytes()
-    proc = run_cli("pack", src, out, "--shard-size", "1", "--relist", check=False)
-    assert proc.returncode == 1 and "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert (out / "listing.parquet").read_bytes() == listing
+    run_cli("pack", src, out, "--shard-size", "1", "--relist", "--no-progress")
+    assert (out / "listing.parquet").read_bytes() == listing and manifest(out)["generation"] == 2
     # another source into the same DEST is refused
     other = tmp_path / "other"
     other.mkdir()

@@ -52,7 +52,7 @@ def _inventory(sizes: list[int]) -> Inventory:
 
 def _shards(sizes: list[int], cfg: PackConfig) -> list[list[str]]:
     inv = _inventory(sizes)
-    return [[f"{i:03d}.jpg" for i in range(s.start, s.stop)] for s in plan(inv.sizes, cfg)]
+    return [[f"{i:03d}.jpg" for i in range(s.start, s.stop)] for s in plan(inv, cfg)]
 
 
 def test_plan_splits_by_count_and_bytes():
@@ -64,7 +64,7 @@ def test_plan_splits_by_count_and_bytes():
     ]
     # a file larger than the limit gets a shard of its own, and the next starts afresh
     assert _shards([5, 150, 5, 5], cfg) == [["000.jpg"], ["001.jpg"], ["002.jpg", "003.jpg"]]
-    assert [s.index for s in plan(_inventory([1] * 7).sizes, cfg)] == [0, 1, 2]
+    assert [s.index for s in plan(_inventory([1] * 7), cfg)] == [0, 1, 2]
 
 
 def test_plan_fingerprints_follow_files_and_options():
@@ -72,7 +72,7 @@ def test_plan_fingerprints_follow_files_and_options():
 
     def prints(sizes: list[int], cfg: PackConfig) -> list[str]:
         inv = _inventory(sizes)
-        return [fingerprint(inv, s, cfg) for s in plan(inv.sizes, cfg)]
+        return [fingerprint(inv, s, cfg) for s in plan(inv, cfg)]
 
     a = prints([1, 2, 3, 4], cfg)
     b = prints([1, 2, 3, 5], cfg)  # one size differs in the second shard

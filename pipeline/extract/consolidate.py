@@ -1,4 +1,5 @@
-"""Chunks → OUT/fts.npy (float16), OUT/fts.pth (float32 tensor), OUT/img_list.json, OUT/errors.jsonl.
+"""Chunks → OUT/fts.npy (float16), OUT/fts.pth (float32 tensor), OUT/img_list.json, OUT/errors.jsonl,
+and OUT/removed.json (the rows whose source file the shards' manifest says is gone).
 
 Rows go in the run's shard order, then in-shard order, so the bytes do not depend on how many
 workers or ranks produced the chunks. Arrays are filled through memory maps one chunk at a time:
@@ -20,8 +21,9 @@ from numpy.lib.format import open_memmap
 from pipeline.chunks import chunk_matrix, read_chunk
 from pipeline.errors import UserError, reason
 from pipeline.faults import crash_point
-from pipeline.outdir import DoneRecord, OutputNames, RunInfo, chunk_path, read_done
-from pipeline.storage import Location, commit_file, remove_quietly, staging_file
+from pipeline.outdir import REMOVED_FILE, DoneRecord, OutputNames, RunInfo, chunk_path, read_done
+from pipeline.shardformat import MANIFEST
+from pipeline.storage import Location, commit_file, locate, read_json, remove_quietly, staging_file
 from pipeline.units import format_bytes
 
 
@@ -41,12 +43,14 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
         raise UserError(f"chunks in {out.url()} disagree on the feature size: {sorted(dims)}")
     dim = dims.pop() if dims else (run.dim or 0)
     staged: dict[str, str] = {}
+    gone = removed_entries(run)
     try:
         with tempfile.TemporaryDirectory(prefix="featpipe-consolidate-") as tmp:
-            for name in names.all():
+            for name in (*names.all(), REMOVED_FILE):
                 staged[name] = staging_file(out.fs, out.join(name))
-            n_errors = _write(out, records, rows, dim, names, staged, os.path.join(tmp, "fts32.npy"))
-        for name in names.all():
+            generations = [s.generation for s in run.shards]
+            n_errors = _write(out, records, rows, dim, names, staged, os.path.join(tmp, "fts32.npy"), generations, gone)
+        for name in (*names.all(), REMOVED_FILE):
             commit_file(out.fs, staged.pop(name), out.join(name))
             crash_point("consolidate")
     except OSError as exc:  # a full disk, a read-only OUT: one line, and no temporary file left behind
@@ -80,6 +84,8 @@ def _write(
     names: OutputNames,
     staged: dict[str, str],
     f32_path: str,
+    generations: list[int],
+    gone: set[tuple[str, int]],
 ) -> int:
     """Fill the staged files; returns the number of error records."""
     f16 = open_memmap(staged[names.numpy_features], mode="w+", dtype=np.float16, shape=(rows, dim))
@@ -92,7 +98,8 @@ def _write(
         open(staged[names.errors], "w", encoding="utf-8") as errs,
     ):
         img_list.write("[")
-        for rec in records:
+        removed: list[tuple[int, str]] = []
+        for rec, generation in zip(records, generations, strict=True):
             if rec.rows:
                 table = _chunk(out, rec.shard)
                 mat = chunk_matrix(table)
@@ -100,11 +107,16 @@ def _write(
                 f16[row : row + len(mat)] = mat
                 for p in table.column("path").to_pylist():
                     img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
+                    if (p, generation) in gone:
+                        removed.append((row, p))
                     row += 1
             for e in rec.all_errors():
                 errs.write(json.dumps(e.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
                 n_errors += 1
         img_list.write("\n]\n")
+    with open(staged[REMOVED_FILE], "w", encoding="utf-8") as f:
+        doc = {"rows": [r for r, _ in removed], "paths": [p for _, p in removed]}
+        f.write(json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
     f16.flush()
     f32.flush()
     del f16
@@ -118,6 +130,23 @@ def _write(
         f.truncate()
     del f32
     return n_errors
+
+
+def removed_entries(run: RunInfo) -> set[tuple[str, int]]:
+    """(path, generation) of every entry the shards' manifest records as gone from the source, when
+    the run's shards are one packed folder; a sample is removed when its shard's generation matches
+    (a file rewritten in place is gone at its old generation and packed again at a new one)."""
+    if not run.shards:
+        return set()
+    folders = {s.url.rsplit("/", 1)[0] for s in run.shards}
+    if len(folders) != 1:
+        return set()
+    loc = locate(folders.pop())
+    try:
+        manifest = read_json(loc.fs, loc.join(MANIFEST)) if loc.fs.exists(loc.join(MANIFEST)) else {}
+    except Exception:  # a folder we cannot read the manifest of: nothing is known to be removed
+        return set()
+    return {(r["path"], r["generation"]) for r in manifest.get("removed", [])}
 
 
 def _chunk(out: Location, shard: str):

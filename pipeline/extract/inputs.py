@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import braceexpand
 
@@ -28,6 +28,7 @@ class ShardRef:
     expected: int | None = None  # samples, when a manifest or listing says so
     files: tuple[str, ...] = ()  # loose image files (URLs or paths) when this is not a tar
     index: int = 0  # position in the run's shard list; loose files get keys from it
+    generation: int = 0  # the listing that planned it (pack --relist appends generations)
 
 
 def resolve_shards(spec: str, group_size: int = DEFAULT_GROUP_SIZE) -> list[ShardRef]:
@@ -56,7 +57,8 @@ def _from_folder(loc: Location, spec: str, group_size: int) -> list[ShardRef]:
     manifest = loc.join(MANIFEST)
     if loc.fs.exists(manifest):
         m = read_json(loc.fs, manifest)
-        return _named([(loc.url(loc.join(s["name"])), s["samples"]) for s in m["shards"]])
+        refs = _named([(loc.url(loc.join(s["name"])), s["samples"]) for s in m["shards"]])
+        return [replace(r, generation=s.get("generation", 0)) for r, s in zip(refs, m["shards"], strict=True)]
     tars = sorted(loc.fs.glob(loc.join("*.tar")))
     if tars:
         return _named([(loc.url(p), None) for p in tars])

@@ -201,7 +201,7 @@ def _make_run(
     # fingerprint), and the library versions that made the vectors.
     source = {"model": cfg.model.source(), "transform": cfg.transform.fingerprint(), "precision": precision}
     extra = {"embedder": source, "preprocessing": cfg.transform.describe(), "versions": versions}
-    return RunInfo(settings, [ShardEntry(s.name, s.url, s.expected) for s in shards], dim, extra)
+    return RunInfo(settings, [ShardEntry(s.name, s.url, s.expected, s.generation) for s in shards], dim, extra)
 
 
 def _prepare_model(

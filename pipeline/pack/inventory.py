@@ -1,10 +1,15 @@
 """What one `featpipe pack` packs, and its file `DEST/listing.parquet`: the sorted, de-duplicated
 entries (relative path and size) of a folder, prefix or list, written once per DEST so reruns and
-every torchrun rank plan from it without walking SRC or fetching sizes again."""
+every torchrun rank plan from it without walking SRC or fetching sizes again.
+
+A source that grows is listed again (--relist) as a new generation: the entries not listed before
+follow every earlier one, sorted among themselves, so shards already planned keep their files
+(`grow`); entries that disappeared stay where they are, marked with the generation that noticed."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,7 +23,8 @@ from pipeline.listing import SourceFile
 from pipeline.storage import Location, commit_bytes, locate
 
 LISTING = "listing.parquet"
-FORMAT = 1
+FORMAT = 2  # 2: generation and removed columns (a format-1 listing is one generation, nothing removed)
+PRESENT = -1  # `removed` of an entry that is still there
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -76,9 +82,27 @@ class Inventory:
     sizes: np.ndarray  # int64, one per entry
     missing: list[Missing] = field(default_factory=list)  # listed, but not there when sizes were fetched
     stats: ListingStats = field(default_factory=ListingStats)
+    generations: np.ndarray | None = None  # int32 per entry: the listing that added it (None: all 0)
+    removed: np.ndarray | None = None  # int32 per entry: the listing that found it gone, or PRESENT
+
+    def __post_init__(self) -> None:
+        if self.generations is None:
+            self.generations = np.zeros(len(self.relpaths), np.int32)
+        if self.removed is None:
+            self.removed = np.full(len(self.relpaths), PRESENT, np.int32)
 
     def __len__(self) -> int:
         return len(self.relpaths)
+
+    @property
+    def generation(self) -> int:
+        """The newest listing this inventory holds."""
+        return int(max(self.generations.max(initial=0), self.removed.max(initial=0)))
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(generation, start, stop) of each generation's entries, in order: shards never span two."""
+        cuts = [0, *(np.flatnonzero(np.diff(self.generations)) + 1).tolist(), len(self)]
+        return [(int(self.generations[a]), a, b) for a, b in itertools.pairwise(cuts) if b > a]
 
     def resolver(self) -> Resolver:
         return Resolver.of(self.identity, self.relpaths)
@@ -124,6 +148,34 @@ def sort_unique(names: list[bytes], sizes: list[int]) -> tuple[pa.Array, np.ndar
     return arr.filter(pa.array(keep)), size_arr[keep], int(repeat.sum()), examples
 
 
+def grow(old: Inventory, new: Inventory) -> Inventory:
+    """`new` (a fresh listing of the same source) as the next generation of `old`: entries that are
+    not among old's present ones (same name and size) are appended, sorted among themselves; old's
+    present entries that `new` lacks (or holds with another size: a file rewritten in place) are
+    marked removed. Nothing added or removed: `old` itself, so a relist that finds no change
+    changes nothing."""
+    gen = old.generation + 1
+    fresh = dict(zip(new.relpaths.to_pylist(), new.sizes.tolist(), strict=True))
+    names = old.relpaths.to_pylist()
+    present = old.removed == PRESENT
+    kept = {n: s for n, s, p in zip(names, old.sizes.tolist(), present.tolist(), strict=True) if p}
+    gone = np.array([p and fresh.get(n) != s for n, s, p in zip(names, old.sizes.tolist(), present, strict=True)])
+    added = np.array([kept.get(n) != s for n, s in fresh.items()], bool)
+    if not gone.any() and not added.any():
+        return Inventory(new.identity, old.relpaths, old.sizes, new.missing, new.stats, old.generations, old.removed)
+    removed = np.where(gone, gen, old.removed).astype(np.int32) if len(gone) else old.removed
+    extra = new.relpaths.filter(pa.array(added))  # new's entries are sorted: so are these
+    return Inventory(
+        new.identity,
+        pa.concat_arrays([old.relpaths, extra]),
+        np.concatenate([old.sizes, new.sizes[added]]),
+        new.missing,
+        new.stats,
+        np.concatenate([old.generations, np.full(int(added.sum()), gen, np.int32)]),
+        np.concatenate([removed, np.full(int(added.sum()), PRESENT, np.int32)]),
+    )
+
+
 def write(dest: Location, inv: Inventory) -> None:
     """listing.parquet: the entries, then the missing ones (size -1, with the reason); where they
     came from and the counts in the file's metadata. Same entries → same bytes."""
@@ -133,6 +185,8 @@ def write(dest: Location, inv: Inventory) -> None:
             "relpath": pa.concat_arrays([inv.relpaths, missing]),
             "size": np.concatenate([inv.sizes, np.full(len(inv.missing), -1, np.int64)]),
             "problem": pa.array([None] * len(inv) + [valid_text(m.reason) for m in inv.missing], pa.string()),
+            "generation": np.concatenate([inv.generations, np.full(len(inv.missing), inv.generation, np.int32)]),
+            "removed": np.concatenate([inv.removed, np.full(len(inv.missing), PRESENT, np.int32)]),
         }
     )
     meta = {"format": FORMAT, "identity": vars(inv.identity), "stats": _stats_json(inv.stats)}
@@ -168,12 +222,15 @@ def read(dest: Location) -> Inventory:
     bad = table.filter(pc.invert(ok))
     good = table.filter(ok)
     stats = meta["stats"]
+    grown = "generation" in table.column_names  # format 2
     return Inventory(
         Identity(**meta["identity"]),
         good.column("relpath").combine_chunks(),
         good.column("size").to_numpy(),
         _missing(bad),
         ListingStats(**{**stats, "duplicate_examples": tuple(stats["duplicate_examples"])}),
+        good.column("generation").to_numpy().astype(np.int32) if grown else None,
+        good.column("removed").to_numpy().astype(np.int32) if grown else None,
     )
 
 

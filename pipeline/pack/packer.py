@@ -27,16 +27,17 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline import __version__, dist
+from pipeline import dist
 from pipeline.dist import DistContext
 from pipeline.errors import UserError, first_line, reason
 from pipeline.faults import crash_point
 from pipeline.image.decode import has_alpha, open_image, to_rgb, upright
 from pipeline.image.header import DEFAULT_MAX_PIXELS, BadImage, Header, probe
 from pipeline.listing import SourceFile
-from pipeline.pack.inventory import LISTING, Identity, Inventory, Resolver, read_identity
+from pipeline.pack.inventory import LISTING, Identity, Inventory, Resolver, grow, read_identity
 from pipeline.pack.inventory import read as read_inventory
 from pipeline.pack.inventory import write as write_inventory
+from pipeline.pack.manifest import build_manifest
 from pipeline.pack.sources import SourceSpec, identity, load, read_list_bytes, source_kind
 from pipeline.readmany import MAX_BYTES_IN_FLIGHT, ReadPolicy, read_many
 from pipeline.shardformat import COMMITS_DIR, MANIFEST, MAX_SHARD_SIZE, sample_key, shard_name, write_tar
@@ -88,11 +89,12 @@ class PackConfig:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Shard `index` holds the inventory's entries [start, stop)."""
+    """Shard `index` holds the inventory's entries [start, stop), all of one generation."""
 
     index: int
     start: int
     stop: int
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,17 +141,28 @@ def validate(cfg: PackConfig) -> None:
         raise UserError(f"--workers must be at least 1, got {cfg.workers}")
 
 
-def plan(sizes: np.ndarray, cfg: PackConfig) -> list[ShardPlan]:
+def plan(inv: Inventory, cfg: PackConfig) -> list[ShardPlan]:
+    """Each generation's entries on their own, so that a later listing only adds shards."""
+    shards: list[ShardPlan] = []
+    for gen, start, stop in inv.segments():
+        shards += plan_sizes(inv.sizes, cfg, start, stop, len(shards), gen)
+    return shards
+
+
+def plan_sizes(
+    sizes: np.ndarray, cfg: PackConfig, start: int = 0, stop: int | None = None, first: int = 0, generation: int = 0
+) -> list[ShardPlan]:
     """Consecutive entries, a new shard at --shard-size files or when the next file would take it
     past --max-shard-bytes (a file larger than that gets a shard of its own). One binary search
     per shard over the running byte total: 1M entries plan in milliseconds."""
-    total = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-    shards, start, n = [], 0, len(sizes)
+    n = len(sizes) if stop is None else stop
+    total = np.concatenate([[0], np.cumsum(sizes[:n], dtype=np.int64)])
+    shards = []
     while start < n:
         by_bytes = int(np.searchsorted(total, total[start] + cfg.max_shard_bytes, side="right")) - 1
-        stop = max(start + 1, min(start + cfg.shard_size, by_bytes, n))
-        shards.append(ShardPlan(len(shards), start, stop))
-        start = stop
+        end = max(start + 1, min(start + cfg.shard_size, by_bytes, n))
+        shards.append(ShardPlan(first + len(shards), start, end, generation))
+        start = end
     return shards
 
 
@@ -181,7 +194,7 @@ def run_pack(cfg: PackConfig) -> PackResult:
         prepared = dist.from_main(ctx, lambda: _prepare(cfg, dest), share=lambda p: set(p[1]))
         inv, finished = prepared if ctx.is_main else (read_inventory(dest), {})
         done = set(finished) if ctx.is_main else prepared
-        shards = plan(inv.sizes, cfg)
+        shards = plan(inv, cfg)
         if cfg.plan_only:
             return PackResult(None, 0, len(done), [], len(shards), len(inv))
         mine = [s for s in shards[ctx.rank :: ctx.world] if s.index not in done]
@@ -191,7 +204,8 @@ def run_pack(cfg: PackConfig) -> PackResult:
         if ctx.is_main:
             records.update(finished)
             records.update(_markers(dest, [s.index for s in shards if s.index not in records]))
-            manifest = _manifest(cfg, inv, dest, [records[s.index] for s in shards])
+            done = [(records[s.index], s.generation) for s in shards]
+            manifest = build_manifest(cfg.src, cfg.options(), cfg.root, inv, dest.url(), done)
             commit_json(dest.fs, dest.join(MANIFEST), manifest)
     finally:
         dist.shutdown(ctx)
@@ -205,13 +219,20 @@ def _prepare(cfg: PackConfig, dest: Location) -> tuple[Inventory, dict[int, dict
     kind = source_kind(spec)
     list_bytes = read_list_bytes(spec) if kind == "list" else None
     wanted = identity(spec, kind, list_bytes)
-    reuse = not cfg.overwrite and _reusable(dest, wanted, cfg)
+    have = not cfg.overwrite and _reusable(dest, wanted, cfg)
+    reuse = have and not cfg.relist
     ensure_writable(dest, cfg.create_bucket)  # before a walk that may take hours; it leaves no trace
     inv = read_inventory(dest) if reuse else load(spec, kind, _dest_inside(cfg), list_bytes)
+    if have and cfg.relist:
+        old = read_inventory(dest)
+        inv = grow(old, inv)
+        if inv.generation > old.generation:
+            added, gone = len(inv) - len(old), int((inv.removed == inv.generation).sum())
+            log.info("listing %d: %d new entries (new shards after the last), %d gone", inv.generation, added, gone)
     remove_stale_temps(dest, COMMITS_DIR)
     if cfg.overwrite:
         _clear(dest)
-    shards = plan(inv.sizes, cfg)
+    shards = plan(inv, cfg)
     done = _committed(dest, inv, shards, cfg)
     if reuse:
         log.info("planned from %s (%d entries); --relist to list %s again", dest.join(LISTING), len(inv), cfg.src)
@@ -222,7 +243,8 @@ def _prepare(cfg: PackConfig, dest: Location) -> tuple[Inventory, dict[int, dict
 
 
 def _reusable(dest: Location, wanted: Identity, cfg: PackConfig) -> bool:
-    """Whether DEST's listing.parquet is this source's: a rerun plans from it; another source is refused."""
+    """Whether DEST holds this source's listing.parquet (a rerun plans from it, a relist grows it);
+    another source's is refused."""
     try:
         have = read_identity(dest)
     except Exception as exc:
@@ -238,10 +260,10 @@ def _reusable(dest: Location, wanted: Identity, cfg: PackConfig) -> bool:
         )
     if have.list_sha256 != wanted.list_sha256 and not cfg.relist:
         raise UserError(
-            f"list {cfg.src} changed since {dest.join(LISTING)} was written; pass --relist to plan from it again "
-            "(shards packed from other entries are then refused), or --overwrite to start over"
+            f"list {cfg.src} changed since {dest.join(LISTING)} was written; pass --relist to pack what it adds "
+            "(new shards) and record what it dropped, or --overwrite to start over"
         )
-    return not cfg.relist
+    return True
 
 
 def _dest_inside(cfg: PackConfig) -> str | None:
@@ -441,35 +463,6 @@ def _clear(dest: Location) -> None:
     for p in (dest.join(COMMITS_DIR), dest.join(MANIFEST), dest.join(LISTING)):
         if fs.exists(p):
             fs.rm(p, recursive=True)
-
-
-def _manifest(cfg: PackConfig, inv: Inventory, dest: Location, records: list[dict]) -> dict:
-    shards = [{"name": r["name"], "samples": r["samples"], "bytes": r["bytes"]} for r in records]
-    skipped = [{"path": m.path, "reason": m.reason} for m in inv.missing] + [s for r in records for s in r["skipped"]]
-    manifest = {
-        "featpipe_version": __version__,
-        "source": cfg.src,
-        "destination": dest.url(),
-        "options": cfg.options(),
-        "shards": shards,
-        "totals": {
-            "shards": len(shards),
-            "samples": sum(s["samples"] for s in shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "image_files": len(inv) + len(inv.missing),
-            "skipped": len(skipped),
-            "ignored_non_images": inv.stats.ignored,
-        },
-        "skipped": skipped,
-    }
-    if inv.identity.kind == "list":
-        manifest["list"] = {
-            "root": cfg.root,
-            "blank_lines": inv.stats.blank_lines,
-            "duplicate_entries": inv.stats.duplicates,
-            "duplicate_examples": list(inv.stats.duplicate_examples),
-        }
-    return manifest
 
 
 def summary(result: PackResult, seconds: float) -> str:
