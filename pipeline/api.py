@@ -159,11 +159,12 @@ def index(
     memory_budget: int = 2 * 10**9,
     overwrite: bool = False,
     progress: bool = True,
+    update: bool = False,
 ) -> dict:
     """A faiss index (see `featpipe index`); returns index.json's content."""
     from pipeline.retrieve.index import IndexConfig, build_index
 
-    cfg = IndexConfig(os.fspath(features), os.fspath(out), index_key, memory_budget, overwrite, progress)
+    cfg = IndexConfig(os.fspath(features), os.fspath(out), index_key, memory_budget, overwrite, progress, update)
     return build_index(cfg)
 
 

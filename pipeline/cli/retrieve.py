@@ -40,6 +40,11 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace results made earlier in OUT")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="FEATURES grew (or lost rows) since OUT was made: search only what changed (see README)",
+    )
     p.add_argument("--create-bucket", action="store_true", help="create OUT's bucket if it does not exist")
     add_barrier_timeout(p, "how long rank 0 waits for the slowest rank")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,6 +57,7 @@ def _search_settings(args: argparse.Namespace) -> dict:
         "memory_budget": args.memory_budget,
         "device": args.device,
         "overwrite": args.overwrite,
+        "update": args.update,
         "progress": not args.no_progress,
         "barrier_timeout_s": args.barrier_timeout,
         "create_bucket": args.create_bucket,
@@ -95,6 +101,11 @@ def add_index(sub: argparse._SubParsersAction) -> None:
         "--memory-budget", type=size, default=2 * 10**9, metavar="SIZE", help="memory the index may take (default 2GB)"
     )
     i.add_argument("--overwrite", action="store_true", help="replace an index built earlier in INDEX")
+    i.add_argument(
+        "--update",
+        action="store_true",
+        help="add the rows FEATURES gained since INDEX was built and drop removed ones (rebuilds when it must)",
+    )
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
     i.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     i.set_defaults(run=_cmd_index)
@@ -188,7 +199,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from pipeline.retrieve.index import IndexConfig, build_index, summary
 
     cfg = IndexConfig(
-        args.features, args.index, args.index_key, args.memory_budget, args.overwrite, progress=not args.no_progress
+        args.features,
+        args.index,
+        args.index_key,
+        args.memory_budget,
+        args.overwrite,
+        progress=not args.no_progress,
+        update=args.update,
     )
     meta = build_index(cfg)
     print(summary(meta, args.index))

@@ -20,8 +20,8 @@ from pipeline.errors import UserError
 from pipeline.outdir import load_run
 from pipeline.retrieve import ann, load_faiss
 from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
-from pipeline.retrieve.knn import plan_tiles, valid_rows
-from pipeline.storage import commit_file, commit_json, ensure_writable, locate, read_json, staging_file
+from pipeline.retrieve.knn import normalize, plan_tiles, valid_rows
+from pipeline.storage import commit_file, commit_json, ensure_writable, local_copy, locate, read_json, staging_file
 
 log = logging.getLogger("featpipe")
 
@@ -41,6 +41,12 @@ class IndexConfig:
     memory_budget: int = 2 * 10**9
     overwrite: bool = False
     progress: bool = True
+    update: bool = False  # add the rows FEATURES gained, drop the removed ones, re-tune
+
+
+# An IVF's lists are re-trained (the index rebuilt) once N reaches this many times the N they were
+# trained on: √N lists of ~N/√N rows each drift far from the sizes the recall was tuned for.
+RETRAIN_GROWTH = 4
 
 
 def choose_key(n: int, dim: int, budget: int) -> str:
@@ -55,6 +61,8 @@ def choose_key(n: int, dim: int, budget: int) -> str:
 def build_index(cfg: IndexConfig) -> dict:
     fs = open_features(cfg.features)
     require_vectors(fs)
+    if cfg.update:
+        return update_index(cfg, fs)
     key = choose_key(fs.n, fs.dim, cfg.memory_budget) if cfg.index_key == "auto" else cfg.index_key
     tiling = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget)
     out = locate(cfg.index)
@@ -68,11 +76,80 @@ def build_index(cfg: IndexConfig) -> dict:
         raise UserError(f"--index-key {exc}") from None
     param, value, recall = ann.tune(index, fs, valid, tiling, 10)
     log.info("index tuned: %s %s, recall@10 %.3f", param or "exact", value or "", recall)
-    _save(out, index, fs, key, param, value, recall)
+    _save(out, index, fs, key, param, value, recall, {"trained_on": fs.n, "removed_rows": fs.removed.tolist()})
     return read_json(out.fs, out.join(META_FILE))
 
 
-def _save(out, index, fs: FeatureSet, key: str, param: str | None, value: int | None, recall: float) -> None:
+def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
+    """INDEX brought up to FEATURES grown since it was built: the new rows added (no retraining),
+    rows removed since taken out (faiss remove_ids; an HNSW graph cannot drop nodes, so its removed
+    rows are filtered at query time), the search parameter tuned again on a fresh sample. Rebuilt
+    instead, saying why, when an IVF's N grew RETRAIN_GROWTH-fold since training or its recall
+    no longer reaches the target."""
+    faiss = load_faiss()
+    out = locate(cfg.index)
+    if not out.fs.exists(out.join(META_FILE)):
+        raise UserError(f"{out.url()} holds no index to --update; build it first (without --update)")
+    meta = read_json(out.fs, out.join(META_FILE))
+    n0, key = meta["n"], meta["index_key"]
+    if meta["dim"] != fs.dim or n0 > fs.n or fs.prefix_fingerprint(n0) != meta["features_fingerprint"]:
+        raise UserError(
+            f"{out.url()} was built from other features, not the first {n0} rows of {fs.source}; "
+            "rebuild it with --overwrite"
+        )
+    tiling = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget)
+    valid = valid_rows(fs, tiling.db_rows)
+    trained_on = meta.get("trained_on", n0)
+    why = None
+    if "IVF" in key and fs.n >= RETRAIN_GROWTH * trained_on:
+        why = f"N grew from {trained_on} to {fs.n} since its lists were trained"
+    else:
+        index = faiss.read_index(out.join(INDEX_FILE) if out.is_local else local_copy(out.fs, out.join(INDEX_FILE)))
+        removed = _remove(index, np.setdiff1d(fs.removed, meta.get("removed_rows", [])), meta.get("removed_rows", []))
+        added = np.flatnonzero(valid[n0:]) + n0
+        for start in range(0, len(added), tiling.db_rows):
+            rows = added[start : start + tiling.db_rows]
+            index.add_with_ids(normalize(fs.take(rows)), rows.astype(np.int64))
+        ann.set_search_parameter(index, meta["search_parameter"], meta["value"])
+        param, value, recall = ann.tune(index, fs, valid, tiling, 10)
+        if recall < ann.RECALL_TARGET and param == "nprobe":
+            why = f"its recall@10 fell to {recall:.3f} with every list probed"
+    if why:
+        log.info("index --update: rebuilding, %s", why)
+        index = ann.build(fs, valid, key, tiling.db_rows, cfg.progress)
+        param, value, recall = ann.tune(index, fs, valid, tiling, 10)
+        trained_on, removed = fs.n, fs.removed.tolist()
+    else:
+        taken = len(removed) - len(meta.get("removed_rows", []))
+        log.info("index --update: %d rows added, %d removed rows taken out", len(added), taken)
+    extra = {"trained_on": trained_on, "removed_rows": removed, "updates": meta.get("updates", 0) + 1}
+    _save(out, index, fs, key, param, value, recall, extra)
+    return read_json(out.fs, out.join(META_FILE))
+
+
+def _remove(index, gone: np.ndarray, before: list[int]) -> list[int]:
+    """Take `gone` out of the index where faiss can; the rows it holds no more, sorted."""
+    faiss = load_faiss()
+    if not len(gone):
+        return list(before)
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(gone.astype(np.int64)))
+    except RuntimeError:  # HNSW: no removal; `featpipe query` filters these rows out
+        log.info("this index cannot drop rows: %d removed rows are filtered out at query time", len(gone))
+        return list(before)
+    return sorted({*before, *gone.tolist()})
+
+
+def _save(
+    out,
+    index,
+    fs: FeatureSet,
+    key: str,
+    param: str | None,
+    value: int | None,
+    recall: float,
+    extra: dict,
+) -> None:
     faiss = load_faiss()
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -106,8 +183,17 @@ def _save(out, index, fs: FeatureSet, key: str, param: str | None, value: int | 
             "features": fs.where,
             "features_fingerprint": fs.fingerprint,
             "embedder": embedder,
+            "generation": _generation(fs),
+            **extra,
         },
     )
+
+
+def _generation(fs: FeatureSet) -> int | None:
+    """The newest pack listing whose shards the features hold (pack --relist adds generations)."""
+    if not fs.folder:
+        return None
+    return max((s.generation for s in load_run(locate(fs.folder)).shards), default=0)
 
 
 def summary(meta: dict, index: str) -> str:

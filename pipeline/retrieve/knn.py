@@ -92,11 +92,12 @@ def cosines(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:
 
 
 def valid_rows(fs: FeatureSet, block: int) -> np.ndarray:
-    """True for rows that can be matched: finite and not all zero."""
+    """True for rows that can be matched: finite, not all zero, and not removed from the source."""
     ok = np.empty(fs.n, bool)
     for start in range(0, fs.n, block):
         x = fs.read(start, min(start + block, fs.n))
         ok[start : start + len(x)] = np.isfinite(x).all(axis=1) & (np.abs(x).sum(axis=1) > 0)
+    ok[fs.removed] = False
     return ok
 
 
@@ -195,12 +196,15 @@ def finish_rows(
     k: int,
     self_match: str,
     exact: ExactSearch | None = None,
+    known: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact scores for the candidates of `queries` (raw rows, any scale), sorted by (score desc,
     row asc), the query itself placed by identity: `self_match` is "first" (feature-matcher's
     layout: the vector itself at rank 0), "exclude" (never listed) or "keep" (a query from outside
     the set). With `exact`, rows tied at the k-th score beyond the candidate list are gathered, so
-    the result is the exact top k whatever the list's cut. Returns (ids uint32, scores float32),
+    the result is the exact top k whatever the list's cut. `known` (int64, -1 = none): rows ranked
+    besides the candidates, an earlier exact result over rows `exact` does not search (match
+    --update: the old rows' lists, the new rows' candidates). Returns (ids uint32, scores float32),
     NO_MATCH / NaN where fewer than k neighbours exist."""
     n = len(query_ids)
     out_i = np.full((n, k), NO_MATCH, np.uint32)
@@ -209,9 +213,11 @@ def finish_rows(
     for start in range(0, n, _RESCORE_ROWS):
         stop = min(start + _RESCORE_ROWS, n)
         qid, q = query_ids[start:stop], normalize64(queries[start:stop])
-        ids, scores = _ranked(fs, q, cand.ids[start:stop], qid, self_match)
+        kept = known[start:stop] if known is not None else np.zeros((stop - start, 0), np.int64)
+        ids, scores = _ranked(fs, q, np.concatenate([kept, cand.ids[start:stop]], axis=1), qid, self_match)
         if exact is not None and need > 0:
-            ids, scores = _settle_ties(fs, exact, q, qid, cand.scores[start:stop], ids, scores, need, self_match)
+            fast = cand.scores[start:stop]
+            ids, scores = _settle_ties(fs, exact, q, qid, fast, ids, scores, need, self_match, kept)
         if self_match == "first":
             ids = np.concatenate([qid[:, None], ids], axis=1)
             scores = np.concatenate([np.einsum("qd,qd->q", q, q)[:, None], scores], axis=1)
@@ -245,17 +251,22 @@ def _settle_ties(
     scores: np.ndarray,
     need: int,
     self_match: str,
+    kept: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows left out of a full candidate list score at most its last fast score, so when that is
     more than the fast error below the `need`-th exact score, nothing tied was cut. Otherwise every
-    row within the error of that score is gathered by a scan and all are ranked exactly."""
+    row within the error of that score is gathered by a scan and all are ranked exactly, with the
+    `kept` rows (found outside the scan's rows)."""
     kth = scores[:, need - 1]
     full = np.isfinite(fast).all(axis=1)
     unsure = np.flatnonzero(full & np.isfinite(kth) & (fast.min(axis=1, initial=np.inf) >= kth - exact.error))
     if not len(unsure):
         return ids, scores
     floors = (kth[unsure] - exact.error).astype(np.float32)
-    gathered = exact.within(q[unsure].astype(np.float32), floors)
+    gathered = [
+        np.concatenate([kept[j][kept[j] >= 0], rows])
+        for j, rows in zip(unsure, exact.within(q[unsure].astype(np.float32), floors), strict=True)
+    ]
     width = max(ids.shape[1], *(len(g) for g in gathered))
     wide = np.full((len(ids), width), -1, np.int64)
     wide[:, : ids.shape[1]] = ids

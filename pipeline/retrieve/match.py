@@ -9,7 +9,9 @@ world-th block; rank 0 assembles. The bytes are the same however the work was sp
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import time
@@ -20,7 +22,7 @@ import numpy as np
 from pipeline import __version__, dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
-from pipeline.retrieve import ann, load_faiss
+from pipeline.retrieve import ann, load_faiss, update
 from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
@@ -31,6 +33,7 @@ from pipeline.retrieve.knn import (
     plan_tiles,
     valid_rows,
 )
+from pipeline.retrieve.neighbors import NEIGHBORS_FILE, NeighborWriter
 from pipeline.storage import (
     Location,
     commit_bytes,
@@ -50,7 +53,6 @@ PLAN_FILE = "match-plan.json"  # what the blocks in OUT were made with: a rerun 
 REPORT_FILE = "match.json"
 BLOCKS = "blocks"
 INDEX_FILE = "ivf.index"
-NEIGHBORS_FILE = "neighbors.parquet"
 # Exact all-vs-all while N²·D multiply-adds stay under this: about a minute at the ~7.5e10/s faiss
 # reached on this project's 2-core machine (50k × 384 in 12.8 s); a GPU does ~1000× more.
 EXACT_WORK_CPU = 5e12
@@ -90,6 +92,7 @@ class MatchConfig:
     progress: bool = True
     barrier_timeout_s: float = dist.BARRIER_TIMEOUT_S
     create_bucket: bool = False
+    update: bool = False  # OUT holds a match of these features' earlier rows: search only what changed
 
 
 @dataclass
@@ -118,30 +121,41 @@ def run_match(cfg: MatchConfig) -> MatchResult:
         "exclude_self": cfg.exclude_self,
         "method": method,
         **tiling.settings,
+        "removed_rows": fs.removed.tolist(),
     }
+    tag = plan_tag(plan)
+    if cfg.update and ctx.active:
+        raise UserError("match --update runs in one process (it searches only the rows that changed)")
     if ctx.active:
         import torch
 
         dist.init(ctx, torch.device(device), cfg.barrier_timeout_s)
     timings: dict[str, float] = {}
     try:
-        _prepare_out(out, plan, cfg, ctx)
+        old = _prepare_out(out, plan, cfg, ctx)
         t = time.perf_counter()
         valid = valid_rows(fs, tiling.db_rows)
         timings["scan_s"] = time.perf_counter() - t
+        updated = None
+        if old is not None:
+            t = time.perf_counter()
+            updated = _update(out, fs, old, plan, valid, tiling, cfg)
+            timings["update_s"] = time.perf_counter() - t
         search, extra = _searcher(method, fs, valid, tiling, device, cfg, out, ctx, timings)
         t = time.perf_counter()
         blocks = list(range(0, fs.n, tiling.query_rows))
-        _search_blocks(blocks[ctx.rank :: ctx.world], search, fs, valid, tiling, cfg, out, ctx)
+        _search_blocks(blocks[ctx.rank :: ctx.world], search, fs, valid, tiling, cfg, out, ctx, tag)
         timings["search_s"] = time.perf_counter() - t
         dist.barrier(ctx)
         report = None
         if ctx.is_main:
             t = time.perf_counter()
-            _assemble(out, fs, blocks, cfg)
+            _assemble(out, fs, blocks, cfg, tag)
             timings["assemble_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t0
             report = _report(cfg, fs, valid, method, device, tiling, extra, timings)
+            if updated is not None:
+                report["update"] = updated
             commit_json(out.fs, out.join(REPORT_FILE), report)
     finally:
         dist.shutdown(ctx)
@@ -180,8 +194,10 @@ def _pick_method(requested: str, fs: FeatureSet, device: str) -> str:
     return "exact" if float(fs.n) ** 2 * fs.dim <= limit or fs.n < 10_000 else "ivf"
 
 
-def _prepare_out(out: Location, plan: dict, cfg: MatchConfig, ctx: dist.DistContext) -> None:
-    """Refuse an OUT that holds a match of other FEATURES or settings, unless --overwrite."""
+def _prepare_out(out: Location, plan: dict, cfg: MatchConfig, ctx: dist.DistContext) -> dict | None:
+    """Refuse an OUT that holds a match of other FEATURES or settings, unless --overwrite; with
+    --update, the plan of the earlier match to update (None when there is nothing to update)."""
+    old = None
     if ctx.is_main:
         remove_stale_temps(out, BLOCKS)
         path = out.join(PLAN_FILE)
@@ -199,15 +215,59 @@ def _prepare_out(out: Location, plan: dict, cfg: MatchConfig, ctx: dist.DistCont
                     out.fs.rm(out.join(name), recursive=True)
         if out.fs.exists(path):
             old = read_valid_json(out.fs, path, "use --overwrite to start this OUT again")
-            if old != plan:
+            if old == plan:
+                old = None
+            elif not cfg.update:
                 changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
                 raise UserError(
                     f"{out.url()} holds a match of other features or settings ({', '.join(changed)}); "
-                    "use --overwrite to replace it, or another OUT"
+                    "use --update if the features grew, --overwrite to replace it, or another OUT"
                 )
+        elif cfg.update:
+            raise UserError(f"{out.url()} holds no match to --update; run without --update first")
         else:
             commit_json(out.fs, path, plan)
     dist.barrier(ctx)
+    return old
+
+
+def _update(
+    out: Location, fs: FeatureSet, old: dict, plan: dict, valid: np.ndarray, tiling: Tiling, cfg: MatchConfig
+) -> dict:
+    """The grown match as blocks of the new plan, then the plan (the commit), then the old blocks
+    go: a kill at any point leaves either the old match, to update again, or the new one."""
+    why = update.check_growth(fs, old, plan)
+    if why and old["method"] == "exact":
+        raise update.refuse(why, out.url())
+    if why:  # IVF: run whole
+        log.info("--update: %s; matching every row again", why)
+        _drop_blocks(out, keep=None)
+        commit_json(out.fs, out.join(PLAN_FILE), plan)
+        return {"whole": why}
+    old_m, _ = load_neighbors(out)
+    self_match = "exclude" if cfg.exclude_self else "first"
+    matches, scores, counts = update.neighbours(fs, old, old_m, valid, tiling, cfg.k, self_match)
+    tag = plan_tag(plan)
+    for start in range(0, fs.n, tiling.query_rows):
+        stop = min(start + tiling.query_rows, fs.n)
+        write_block(out, tag, start, matches[start:stop], scores[start:stop])
+        crash_point("update-block")  # test-only: dies once the first new block is written
+    commit_json(out.fs, out.join(PLAN_FILE), plan)
+    _drop_blocks(out, keep=tag)
+    log.info(
+        "--update: %d new rows searched, %d earlier rows searched again (a neighbour was removed), "
+        "%d merged with the new rows",
+        counts["added_rows"],
+        counts["researched_rows"],
+        counts["merged_rows"],
+    )
+    return counts
+
+
+def _drop_blocks(out: Location, keep: str | None) -> None:
+    for p in out.fs.glob(out.join(BLOCKS, "*.npy")):
+        if keep is None or not p.rsplit("/", 1)[-1].startswith(keep + "-"):
+            out.fs.rm_file(p)
 
 
 def _searcher(
@@ -254,8 +314,13 @@ def _searcher(
     return ann.IndexSearch(index), extra
 
 
-def _block_path(out: Location, start: int, what: str) -> str:
-    return out.join(BLOCKS, f"{start:012d}.{what}.npy")
+def plan_tag(plan: dict) -> str:
+    """Blocks carry their plan's tag: blocks of two plans (match --update) never mix."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _block_path(out: Location, tag: str, start: int, what: str) -> str:
+    return out.join(BLOCKS, f"{tag}-{start:012d}.{what}.npy")
 
 
 def _search_blocks(
@@ -267,11 +332,12 @@ def _search_blocks(
     cfg: MatchConfig,
     out: Location,
     ctx: dist.DistContext,
+    tag: str,
 ) -> None:
     from tqdm.auto import tqdm
 
     done = {p.rsplit("/", 1)[-1] for p in out.fs.glob(out.join(BLOCKS, "*.matches.npy"))}
-    todo = [s for s in starts if f"{s:012d}.matches.npy" not in done]
+    todo = [s for s in starts if _block_path(out, tag, s, "matches").rsplit("/", 1)[-1] not in done]
     log.info("%d of this rank's %d query blocks to do (%d rows each)", len(todo), len(starts), tiling.query_rows)
     self_match = "exclude" if cfg.exclude_self else "first"
     count = cfg.k + 1 + CANDIDATE_MARGIN  # the query itself may take a slot
@@ -290,10 +356,14 @@ def _search_blocks(
                 cand = search.candidates(normalize(q), count)
                 m, s = finish_rows(fs, ids[ok], q, cand, cfg.k, self_match, exact)
                 matches[ok], scores[ok] = m, s
-            commit_bytes(out.fs, _block_path(out, start, "scores"), _npy(scores))
-            commit_bytes(out.fs, _block_path(out, start, "matches"), _npy(matches))  # last: the block's commit
+            write_block(out, tag, start, matches, scores)
             crash_point("after-block", ctx.rank)  # test-only: dies here once the first block is committed
             bar.update(1)
+
+
+def write_block(out: Location, tag: str, start: int, matches: np.ndarray, scores: np.ndarray) -> None:
+    commit_bytes(out.fs, _block_path(out, tag, start, "scores"), _npy(scores))
+    commit_bytes(out.fs, _block_path(out, tag, start, "matches"), _npy(matches))  # last: the block's commit
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -302,8 +372,8 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _load_block(out: Location, start: int, what: str) -> np.ndarray:
-    with out.fs.open(_block_path(out, start, what), "rb") as f:
+def _load_block(out: Location, tag: str, start: int, what: str) -> np.ndarray:
+    with out.fs.open(_block_path(out, tag, start, what), "rb") as f:
         return np.load(io.BytesIO(f.read()), allow_pickle=False)
 
 
@@ -311,15 +381,15 @@ def load_neighbors(out: Location) -> tuple[np.ndarray, np.ndarray]:
     """A finished match's neighbours (uint32) and their exact float32 scores, from its blocks
     (scores.npy holds them rounded to float16, as the original matcher saves them)."""
     plan = read_valid_json(out.fs, out.join(PLAN_FILE), "run featpipe match into it again with --overwrite")
-    starts = range(0, plan["n"], plan["query_rows"])
-    matches = (
-        np.concatenate([_load_block(out, s, "matches") for s in starts]) if plan["n"] else np.zeros((0, plan["k"]))
-    )
-    scores = np.concatenate([_load_block(out, s, "scores") for s in starts]) if plan["n"] else np.zeros((0, plan["k"]))
+    starts, tag = range(0, plan["n"], plan["query_rows"]), plan_tag(plan)
+    if not plan["n"]:
+        return np.zeros((0, plan["k"]), np.uint32), np.zeros((0, plan["k"]), np.float32)
+    matches = np.concatenate([_load_block(out, tag, s, "matches") for s in starts])
+    scores = np.concatenate([_load_block(out, tag, s, "scores") for s in starts])
     return matches.astype(np.uint32), scores.astype(np.float32)
 
 
-def _assemble(out: Location, fs: FeatureSet, starts: list[int], cfg: MatchConfig) -> None:
+def _assemble(out: Location, fs: FeatureSet, starts: list[int], cfg: MatchConfig, tag: str) -> None:
     """Blocks → matches.npy (uint32) and scores.npy (float16), as the original matcher saves them,
     and neighbors.parquet when FEATURES knows keys and paths; one block in memory at a time."""
     from numpy.lib.format import open_memmap
@@ -327,9 +397,9 @@ def _assemble(out: Location, fs: FeatureSet, starts: list[int], cfg: MatchConfig
     staged = {name: staging_file(out.fs, out.join(name)) for name in (cfg.names.matches, cfg.names.scores)}
     matches = open_memmap(staged[cfg.names.matches], mode="w+", dtype=np.uint32, shape=(fs.n, cfg.k))
     scores = open_memmap(staged[cfg.names.scores], mode="w+", dtype=np.float16, shape=(fs.n, cfg.k))
-    writer = _NeighborWriter(out, fs) if fs.folder else None
+    writer = NeighborWriter(out, fs) if fs.folder else None
     for start in starts:
-        m, s = _load_block(out, start, "matches"), _load_block(out, start, "scores")
+        m, s = _load_block(out, tag, start, "matches"), _load_block(out, tag, start, "scores")
         matches[start : start + len(m)] = m
         scores[start : start + len(s)] = s
         if writer:
@@ -341,58 +411,6 @@ def _assemble(out: Location, fs: FeatureSet, starts: list[int], cfg: MatchConfig
         writer.close()
     for name, path in staged.items():
         commit_file(out.fs, path, out.join(name))
-
-
-class _NeighborWriter:
-    """neighbors.parquet: one row per (query, rank), with keys and paths joined on both sides."""
-
-    def __init__(self, out: Location, fs: FeatureSet):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.out, self.fs = out, fs
-        self.keys, self.paths = np.array(fs.keys, dtype=object), np.array(fs.paths, dtype=object)
-        self.schema = pa.schema(
-            [
-                ("query", pa.int64()),
-                ("query_key", pa.string()),
-                ("query_path", pa.string()),
-                ("rank", pa.int32()),
-                ("neighbor", pa.int64()),
-                ("neighbor_key", pa.string()),
-                ("neighbor_path", pa.string()),
-                ("score", pa.float32()),
-            ]
-        )
-        self.staged = staging_file(out.fs, out.join(NEIGHBORS_FILE))
-        self.writer = pq.ParquetWriter(self.staged, self.schema, compression="zstd")
-
-    def add(self, start: int, matches: np.ndarray, scores: np.ndarray) -> None:
-        import pyarrow as pa
-
-        n, k = matches.shape
-        found = matches != np.iinfo(np.uint32).max
-        q = np.repeat(np.arange(start, start + n), k)[found.reshape(-1)]
-        rank = np.tile(np.arange(k, dtype=np.int32), n)[found.reshape(-1)]
-        nb = matches.reshape(-1)[found.reshape(-1)].astype(np.int64)
-        table = pa.table(
-            [
-                q,
-                self.keys[q],
-                self.paths[q],
-                rank,
-                nb,
-                self.keys[nb],
-                self.paths[nb],
-                scores.reshape(-1)[found.reshape(-1)],
-            ],
-            schema=self.schema,
-        )
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        self.writer.close()
-        commit_file(self.out.fs, self.staged, self.out.join(NEIGHBORS_FILE))
 
 
 def _report(
@@ -419,10 +437,12 @@ def _report(
         "memory_budget": cfg.memory_budget,
         "tiling": asdict(tiling),
         **extra,
+        "removed_rows": fs.removed.tolist(),  # gone from the source: left out, like invalid rows
         "invalid_rows": {
             "count": len(invalid),
             "rows": invalid[:1000].tolist(),
-            "why": "NaN, infinite or all-zero vectors: not matched, their rows hold 4294967295 and NaN",
+            "why": "NaN, infinite or all-zero vectors, or removed from the source: not matched, their rows "
+            "hold 4294967295 and NaN",
         },
         "outputs": {
             "matches": cfg.names.matches,

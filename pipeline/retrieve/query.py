@@ -21,6 +21,7 @@ from pipeline.retrieve.features import features_exist, open_features, require_ve
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
+    Candidates,
     ExactSearch,
     finish_rows,
     normalize,
@@ -127,7 +128,11 @@ class Target:
         count = k + CANDIDATE_MARGIN
         exact = None
         if self.meta:
-            cand = IndexSearch(self._index).candidates(normalize(queries), count)
+            gone = self._gone_in_index
+            cand = IndexSearch(self._index).candidates(normalize(queries), count + len(gone))
+            if len(gone):  # rows removed since the index was built: asked for, then dropped
+                out = np.isin(cand.ids, gone)
+                cand = Candidates(np.where(out, -np.inf, cand.scores).astype(np.float32), np.where(out, -1, cand.ids))
             if self.features is None:  # the stored vectors are gone: the index's own scores
                 return cand.ids[:, :k], np.where(cand.ids[:, :k] >= 0, cand.scores[:, :k], np.nan)
         else:
@@ -136,6 +141,13 @@ class Target:
         no_identity = np.full(len(queries), -1)
         ids, scores = finish_rows(self.features, no_identity, queries, cand, k, "keep", exact)
         return np.where(ids == np.iinfo(np.uint32).max, -1, ids.astype(np.int64)), scores
+
+    @cached_property
+    def _gone_in_index(self) -> np.ndarray:
+        """Rows the features mark removed that the index still holds (index --update takes them out)."""
+        if self.features is None:
+            return np.zeros(0, np.int64)
+        return np.setdiff1d(self.features.removed, self.meta.get("removed_rows", []))
 
     def vector_of(self, row: int) -> np.ndarray:
         if self.features is None:  # the index's own copy: IVF needs its direct map built for that

@@ -92,6 +92,8 @@ def _features(report: dict) -> FeatureSet | None:
     fs = open_features(path)
     if fs.fingerprint != report.get("features_fingerprint"):
         raise UserError(f"the features at {path} changed since this match was made; run the match again")
+    if fs.removed.tolist() != report.get("removed_rows", []):
+        raise UserError(f"rows of {path} were removed since this match was made; run it again with --update")
     return fs
 
 

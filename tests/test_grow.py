@@ -1,0 +1,120 @@
+"""Datasets that grow (issue 21): a folder gains and loses files in three steps; after each, pack
+--relist → extract → match/dedup/index --update give what a full run over the same shards gives,
+and nothing removed comes back from query or show."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import PHOTOS, ROOT, run_cli
+from PIL import Image
+
+from pipeline import api
+
+HUB = str(ROOT / "pipeline" / "hub")
+pytest.importorskip("faiss")
+
+
+def jpeg(i: int) -> bytes:
+    """A distinct small photo per i (noise over five base photos), so neighbours are not all ties."""
+    rng = np.random.default_rng(i)
+    base = np.asarray(Image.open(io.BytesIO(PHOTOS[i % 5])).convert("RGB").resize((96, 72)), int)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def run_all(src, work, name: str, update: bool) -> None:
+    api.pack(src, work / "shards", shard_size=6, relist=True, progress=False)
+    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    api.match(work / "out", work / name / "match", k=5, progress=False, update=update)
+    api.dedup(work / "out", work / name / "dedup", 0.99, k=5, progress=False, update=update)
+    api.index(work / "out", work / name / "index", index_key="Flat", progress=False, update=update)
+
+
+def same_files(a, b, names) -> None:
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_growing_folder_updates_to_what_a_full_run_gives(tmp_path):
+    src, work = tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    for i in range(20):
+        (src / f"m{i:02d}.jpg").write_bytes(jpeg(i))
+    (src / "m90.jpg").write_bytes(jpeg(3))  # a copy of m03
+    run_all(src, work, "inc", update=False)
+    steps = [
+        {"add": {"a00.jpg": 40, "a01.jpg": 3}, "remove": []},  # names sorting first (a01: a third copy)
+        {"add": {"z99.jpg": 41}, "remove": ["m03.jpg", "m07.jpg"]},  # last; two removed
+        {"add": {"m05b.jpg": 42, "m10b.jpg": 43}, "remove": []},  # in between
+    ]
+    for n, step in enumerate(steps, 1):
+        shards = {p.name: p.read_bytes() for p in (work / "shards").glob("shard-*.tar")}
+        for name, i in step["add"].items():
+            (src / name).write_bytes(jpeg(i))
+        for name in step["remove"]:
+            (src / name).unlink()
+        run_all(src, work, "inc", update=True)
+        # packed shards never change; new ones follow
+        now = {p.name: p.read_bytes() for p in (work / "shards").glob("shard-*.tar")}
+        assert now.items() >= shards.items() and len(now) > len(shards)
+        # extract: the same consolidated files as a fresh run over the same shards
+        api.extract(work / "shards", tmp_path / f"fresh{n}", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+        same_files(work / "out", tmp_path / f"fresh{n}", ["fts.npy", "fts.pth", "img_list.json", "removed.json"])
+        # match and dedup: equal to a full run over the same features
+        full = tmp_path / f"full{n}"
+        api.match(work / "out", full / "match", k=5, progress=False)
+        api.dedup(work / "out", full / "dedup", 0.99, k=5, progress=False)
+        same_files(work / "inc" / "match", full / "match", ["matches.npy", "scores.npy", "neighbors.parquet"])
+        same_files(work / "inc" / "dedup", full / "dedup", ["groups.json", "duplicates.json", "to_remove.txt"])
+        report = json.loads((work / "inc" / "match" / "match.json").read_text())
+        assert report["update"]["added_rows"] == len(step["add"])
+    removed = json.loads((work / "out" / "removed.json").read_text())
+    assert [p.rsplit("/", 1)[-1] for p in removed["paths"]] == ["m03.jpg", "m07.jpg"]
+    gone = set(removed["rows"])
+    paths = json.loads((work / "out" / "img_list.json").read_text())
+    assert len(paths) == 26 and {paths[r].rsplit("/", 1)[-1] for r in gone} == {"m03.jpg", "m07.jpg"}
+    # nothing removed comes back: matches, groups, the index, queries by vector and by key
+    matches = np.load(work / "inc" / "match" / "matches.npy")
+    assert not gone & set(matches[matches != 2**32 - 1].tolist())
+    groups = json.loads((work / "inc" / "dedup" / "groups.json").read_text())
+    members = {m for g in groups for m in (g["members"] if isinstance(g, dict) else g)}
+    assert members and not {str(paths[r]) for r in gone} & {str(m) for m in members} and not gone & members
+    meta = json.loads((work / "inc" / "index" / "index.json").read_text())
+    assert meta["removed_rows"] == sorted(gone) and meta["updates"] == 3 and meta["generation"] == 3
+    hits = api.query(work / "inc" / "index", work / "out" / "fts.npy", k=30)
+    assert hits and not gone & {h.row for h in hits}
+    assert not gone & {h.row for h in api.query(work / "out", work / "out" / "fts.npy", k=30)}
+    api.show(work / "inc" / "dedup", tmp_path / "page.html")
+    page = (tmp_path / "page.html").read_text()
+    assert "m03.jpg" not in page and "m07.jpg" not in page
+
+
+def test_a_killed_match_update_reruns_to_the_same_result(tmp_path):
+    src, work = tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    for i in range(14):
+        (src / f"m{i:02d}.jpg").write_bytes(jpeg(i))
+    api.pack(src, work / "shards", shard_size=4, progress=False)
+    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    api.match(work / "out", work / "m", k=4, progress=False)
+    (src / "b.jpg").write_bytes(jpeg(30))
+    (src / "m02.jpg").unlink()
+    api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
+    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    crash = {"FEATPIPE_TEST_CRASH": "update-block"}
+    args = ("match", work / "out", work / "m", "-k", "4", "--no-progress", "--update", "--memory-budget", "2MB")
+    assert run_cli(*args, env=crash, check=False).returncode == -9
+    run_cli(*args)
+    api.match(work / "out", work / "full", k=4, progress=False)
+    same_files(work / "m", work / "full", ["matches.npy", "scores.npy"])
+    # features whose earlier rows changed are not updated: one line, OUT untouched
+    np.save(work / "other.npy", np.random.default_rng(0).standard_normal((20, 64)).astype(np.float32))
+    before = (work / "m" / "matches.npy").read_bytes()
+    proc = run_cli("match", work / "other.npy", work / "m", "-k", "4", "--update", check=False)
+    assert proc.returncode == 1 and "not the first rows" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (work / "m" / "matches.npy").read_bytes() == before
