@@ -19,7 +19,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,s3,fast,faiss]'
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check pipeline tools tests
@@ -67,6 +67,7 @@ bench: install
 	$(BIN)/python tools/bench_stores.py
 	$(BIN)/python tools/bench_serve.py
 	$(BIN)/python tools/bench_models.py
+	$(BIN)/python tools/bench_grow.py
 
 clean:
 	rm -rf data/demo bench-out

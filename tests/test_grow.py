@@ -118,3 +118,25 @@ def test_a_killed_match_update_reruns_to_the_same_result(tmp_path):
     proc = run_cli("match", work / "other.npy", work / "m", "-k", "4", "--update", check=False)
     assert proc.returncode == 1 and "not the first rows" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (work / "m" / "matches.npy").read_bytes() == before
+
+
+def test_rows_removed_after_an_index_was_built_are_never_returned(tmp_path):
+    src, work = tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    for i in range(10):
+        (src / f"m{i:02d}.jpg").write_bytes(jpeg(i))
+    api.pack(src, work / "shards", shard_size=4, progress=False)
+    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    api.index(work / "out", work / "index", index_key="HNSW8,Flat", progress=False)
+    (src / "m04.jpg").unlink()  # nothing added: the features keep their bytes, the index stays valid
+    api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
+    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    assert json.loads((work / "out" / "removed.json").read_text())["rows"] == [4]
+    np.save(tmp_path / "q.npy", np.load(work / "out" / "fts.npy")[4:5])
+    for target in (work / "index", work / "out"):  # the stale HNSW index (filtered), and exact search
+        hits = api.query(target, tmp_path / "q.npy", k=9)
+        assert len(hits) == 9 and 4 not in {h.row for h in hits}
+    # --update on an HNSW index: it cannot drop the row, so the row stays filtered at query time
+    meta = api.index(work / "out", work / "index", index_key="HNSW8,Flat", progress=False, update=True)
+    assert meta["removed_rows"] == [] and meta["updates"] == 1
+    assert 4 not in {h.row for h in api.query(work / "index", tmp_path / "q.npy", k=9)}

@@ -10,11 +10,13 @@ generator is a separate process (threads; its CPU share of the 2 cores is report
   image queries/s, p50/p99 latency, the batch sizes seen; the model alone on ready-made batches of
   crops (img/s); sequential `featpipe query` processes (q/s); "more like this" (row) queries/s;
   server RSS at the start and end of a --soak seconds run of mixed queries.
+Each client keeps one connection open (keep-alive), as HTTP clients do.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -59,27 +61,49 @@ def build(work: Path, rows: int) -> tuple[Path, list[bytes]]:
     return work / "index", jpegs
 
 
-def post_image(url: str, data: bytes) -> float:
-    boundary = "b0undary"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n\r\n'.encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    req = urllib.request.Request(
-        url + "/api/search?k=10", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as r:
-        r.read()
-    return time.perf_counter() - t0
-
-
 def get(url: str) -> float:
     t0 = time.perf_counter()
     with urllib.request.urlopen(url, timeout=120) as r:
         r.read()
     return time.perf_counter() - t0
+
+
+class Client:
+    """One client's keep-alive connection (as `requests.Session`, browsers and proxies keep theirs):
+    a new TCP connection per query measured connection set-up on both sides, not the service."""
+
+    def __init__(self, url: str):
+        self.host, self.port = url.split("//", 1)[1].rsplit(":", 1)
+        self.conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> float:
+        t0 = time.perf_counter()
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, int(self.port), timeout=120)
+            try:
+                self.conn.request(method, path, body, headers or {})
+                response = self.conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}")
+                return time.perf_counter() - t0
+            except (http.client.HTTPException, ConnectionError):
+                self.conn.close()
+                self.conn = None  # the server closed an idle connection: once more on a new one
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def image(self, data: bytes) -> float:
+        boundary = "b0undary"
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n\r\n'.encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        kind = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        return self.request("POST", "/api/search?k=10", body, kind)
 
 
 def load(url: str, clients: int, per_client: int, kind: str, jpegs: list[bytes]) -> dict:
@@ -89,12 +113,13 @@ def load(url: str, clients: int, per_client: int, kind: str, jpegs: list[bytes])
     lock = threading.Lock()
 
     def client(c: int) -> None:
+        session = Client(url)
         for i in range(per_client):
             try:
                 if kind == "image":
-                    t = post_image(url, jpegs[(c + i) % len(jpegs)])
+                    t = session.image(jpegs[(c + i) % len(jpegs)])
                 else:
-                    t = get(f"{url}/api/search?row={(c * per_client + i) % 1000}&k=10")
+                    t = session.request("GET", f"/api/search?row={(c * per_client + i) % 1000}&k=10")
                 with lock:
                     latencies.append(t)
             except Exception:
@@ -155,7 +180,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--per-client", type=int, default=20)
-    ap.add_argument("--soak", type=int, default=60, help="seconds of mixed load for the memory row (0: skip)")
+    ap.add_argument("--soak", type=int, default=300, help="seconds of mixed load for the memory row (0: skip)")
     ap.add_argument("--load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="image", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
