@@ -204,8 +204,8 @@ def run_pack(cfg: PackConfig) -> PackResult:
         if ctx.is_main:
             records.update(finished)
             records.update(_markers(dest, [s.index for s in shards if s.index not in records]))
-            done = [(records[s.index], s.generation) for s in shards]
-            manifest = build_manifest(cfg.src, cfg.options(), cfg.root, inv, dest.url(), done)
+            in_order = [(records[s.index], s.generation) for s in shards]
+            manifest = build_manifest(cfg.src, cfg.options(), cfg.root, inv, dest.url(), in_order)
             commit_json(dest.fs, dest.join(MANIFEST), manifest)
     finally:
         dist.shutdown(ctx)
