@@ -9,6 +9,8 @@ MODEL_REPO ?= facebookresearch/dinov2
 MODEL_NAME ?= dinov2_vits14
 PACK_FLAGS ?=
 EXTRACT_FLAGS ?=
+# Test processes: two fit a 2-core machine (the suite is mostly subprocesses starting torch; 20 → 12 min there)
+TEST_WORKERS ?= 2
 
 .PHONY: install test lint shards extract consolidate verify demo bench clean
 
@@ -19,7 +21,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,s3,fast,faiss]'
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check pipeline tools tests
