@@ -59,7 +59,7 @@ class Target:
             if self.features is not None and self.features.fingerprint != self.meta["features_fingerprint"]:
                 raise UserError(
                     f"the features at {self.meta['features']} changed since the index {spec} was built from them; "
-                    f"{remedy}"
+                    f"if they grew, update it: featpipe index FEATURES {spec} --update; else {remedy}"
                 )
         else:
             self.features = open_features(spec)
