@@ -102,16 +102,25 @@ def test_a_killed_match_update_reruns_to_the_same_result(tmp_path):
     api.pack(src, work / "shards", shard_size=4, progress=False)
     api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
     api.match(work / "out", work / "m", k=4, progress=False)
+    api.index(work / "out", work / "i", index_key="Flat", progress=False)
     (src / "b.jpg").write_bytes(jpeg(30))
     (src / "m02.jpg").unlink()
     api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
     api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
-    crash = {"FEATPIPE_TEST_CRASH": "update-block"}
     args = ("match", work / "out", work / "m", "-k", "4", "--no-progress", "--update", "--memory-budget", "2MB")
-    assert run_cli(*args, env=crash, check=False).returncode == -9
+    assert run_cli(*args, env={"FEATPIPE_TEST_CRASH": "update-block"}, check=False).returncode == -9
     run_cli(*args)
     api.match(work / "out", work / "full", k=4, progress=False)
     same_files(work / "m", work / "full", ["matches.npy", "scores.npy"])
+    # index --update killed after writing its new index file, before index.json names it: rerun
+    index_args = ("index", work / "out", work / "i", "--update", "--no-progress")
+    assert run_cli(*index_args, env={"FEATPIPE_TEST_CRASH": "index-written"}, check=False).returncode == -9
+    run_cli(*index_args)
+    np.save(work / "q.npy", np.load(work / "out" / "fts.npy")[:15])
+    by = [work / "i", work / "out"]  # the updated index, and exact search
+    hits = [[(h.row, round(h.score, 6)) for h in api.query(i, work / "q.npy", k=14)] for i in by]
+    assert hits[0] == hits[1] and len(hits[0]) == 15 * 14 and 2 not in {r for r, _ in hits[0]}  # row 2: removed
+    assert sorted(p.name for p in (work / "i").glob("*.faiss")) == ["index.1.faiss"]
     # features whose earlier rows changed are not updated: one line, OUT untouched
     np.save(work / "other.npy", np.random.default_rng(0).standard_normal((20, 64)).astype(np.float32))
     before = (work / "m" / "matches.npy").read_bytes()

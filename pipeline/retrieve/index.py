@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.faults import crash_point
 from pipeline.outdir import load_run
 from pipeline.retrieve import ann, load_faiss
 from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
@@ -104,7 +105,8 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
     if "IVF" in key and fs.n >= RETRAIN_GROWTH * trained_on:
         why = f"N grew from {trained_on} to {fs.n} since its lists were trained"
     else:
-        index = faiss.read_index(out.join(INDEX_FILE) if out.is_local else local_copy(out.fs, out.join(INDEX_FILE)))
+        path = out.join(meta.get("file", INDEX_FILE))
+        index = faiss.read_index(path if out.is_local else local_copy(out.fs, path))
         removed = _remove(index, np.setdiff1d(fs.removed, meta.get("removed_rows", [])), meta.get("removed_rows", []))
         added = np.flatnonzero(valid[n0:]) + n0
         for start in range(0, len(added), tiling.db_rows):
@@ -154,9 +156,15 @@ def _save(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    staged = staging_file(out.fs, out.join(INDEX_FILE))
+    # An update writes a new file that index.json then names (its commit): a kill before that
+    # leaves the old index.json naming the old file, and the rerun updates from it again.
+    updates = extra.get("updates", 0)
+    name = f"index.{updates}.faiss" if updates else INDEX_FILE
+    before = read_json(out.fs, out.join(META_FILE)).get("file", INDEX_FILE) if updates else None
+    staged = staging_file(out.fs, out.join(name))
     faiss.write_index(index, staged)
-    commit_file(out.fs, staged, out.join(INDEX_FILE))
+    commit_file(out.fs, staged, out.join(name))
+    crash_point("index-written")  # test-only: the new index file written, index.json still the old one
     ids = pa.table(
         {
             "row": pa.array(np.arange(fs.n), pa.int64()),
@@ -184,9 +192,12 @@ def _save(
             "features_fingerprint": fs.fingerprint,
             "embedder": embedder,
             "generation": _generation(fs),
+            "file": name,
             **extra,
         },
     )
+    if before and before != name and out.fs.exists(out.join(before)):
+        out.fs.rm_file(out.join(before))
 
 
 def _generation(fs: FeatureSet) -> int | None:

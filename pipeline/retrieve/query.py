@@ -99,7 +99,7 @@ class Target:
     def _index(self):
         faiss = load_faiss()
 
-        path = self.loc.join(INDEX_FILE)
+        path = self.loc.join(self.meta.get("file", INDEX_FILE))
         try:
             index = faiss.read_index(path if self.loc.is_local else local_copy(self.loc.fs, path))
         except RuntimeError as exc:
