@@ -43,7 +43,7 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
         raise UserError(f"chunks in {out.url()} disagree on the feature size: {sorted(dims)}")
     dim = dims.pop() if dims else (run.dim or 0)
     staged: dict[str, str] = {}
-    gone = removed_entries(run)
+    gone = manifest_removals(run)
     try:
         with tempfile.TemporaryDirectory(prefix="featpipe-consolidate-") as tmp:
             for name in (*names.all(), REMOVED_FILE):
@@ -132,7 +132,7 @@ def _write(
     return n_errors
 
 
-def removed_entries(run: RunInfo) -> set[tuple[str, int]]:
+def manifest_removals(run: RunInfo) -> set[tuple[str, int]]:
     """(path, generation) of every entry the shards' manifest records as gone from the source, when
     the run's shards are one packed folder; a sample is removed when its shard's generation matches
     (a file rewritten in place is gone at its old generation and packed again at a new one)."""
