@@ -94,13 +94,19 @@ def test_a_growing_folder_updates_to_what_a_full_run_gives(tmp_path):
     assert "m03.jpg" not in page and "m07.jpg" not in page
 
 
-def test_a_killed_match_update_reruns_to_the_same_result(tmp_path):
+def packed_and_extracted(tmp_path, n: int) -> tuple:
+    """n photos in src/, packed 4 to a shard into work/shards, extracted into work/out."""
     src, work = tmp_path / "src", tmp_path / "work"
     src.mkdir()
-    for i in range(14):
+    for i in range(n):
         (src / f"m{i:02d}.jpg").write_bytes(jpeg(i))
     api.pack(src, work / "shards", shard_size=4, progress=False)
     api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    return src, work
+
+
+def test_a_killed_match_update_reruns_to_the_same_result(tmp_path):
+    src, work = packed_and_extracted(tmp_path, 14)
     api.match(work / "out", work / "m", k=4, progress=False)
     api.index(work / "out", work / "i", index_key="Flat", progress=False)
     (src / "b.jpg").write_bytes(jpeg(30))
@@ -130,12 +136,7 @@ def test_a_killed_match_update_reruns_to_the_same_result(tmp_path):
 
 
 def test_rows_removed_after_an_index_was_built_are_never_returned(tmp_path):
-    src, work = tmp_path / "src", tmp_path / "work"
-    src.mkdir()
-    for i in range(10):
-        (src / f"m{i:02d}.jpg").write_bytes(jpeg(i))
-    api.pack(src, work / "shards", shard_size=4, progress=False)
-    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    src, work = packed_and_extracted(tmp_path, 10)
     api.index(work / "out", work / "index", index_key="HNSW8,Flat", progress=False)
     (src / "m04.jpg").unlink()  # nothing added: the features keep their bytes, the index stays valid
     api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
