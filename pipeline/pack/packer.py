@@ -142,27 +142,18 @@ def validate(cfg: PackConfig) -> None:
 
 
 def plan(inv: Inventory, cfg: PackConfig) -> list[ShardPlan]:
-    """Each generation's entries on their own, so that a later listing only adds shards."""
+    """Consecutive entries of one generation (so a later listing only adds shards), a new shard at
+    --shard-size files or when the next file would take it past --max-shard-bytes (a file larger
+    than that gets a shard of its own). One binary search per shard over the running byte total:
+    1M entries plan in milliseconds."""
+    total = np.concatenate([[0], np.cumsum(inv.sizes, dtype=np.int64)])
     shards: list[ShardPlan] = []
     for gen, start, stop in inv.segments():
-        shards += plan_sizes(inv.sizes, cfg, start, stop, len(shards), gen)
-    return shards
-
-
-def plan_sizes(
-    sizes: np.ndarray, cfg: PackConfig, start: int = 0, stop: int | None = None, first: int = 0, generation: int = 0
-) -> list[ShardPlan]:
-    """Consecutive entries, a new shard at --shard-size files or when the next file would take it
-    past --max-shard-bytes (a file larger than that gets a shard of its own). One binary search
-    per shard over the running byte total: 1M entries plan in milliseconds."""
-    n = len(sizes) if stop is None else stop
-    total = np.concatenate([[0], np.cumsum(sizes[:n], dtype=np.int64)])
-    shards = []
-    while start < n:
-        by_bytes = int(np.searchsorted(total, total[start] + cfg.max_shard_bytes, side="right")) - 1
-        end = max(start + 1, min(start + cfg.shard_size, by_bytes, n))
-        shards.append(ShardPlan(first + len(shards), start, end, generation))
-        start = end
+        while start < stop:
+            by_bytes = int(np.searchsorted(total, total[start] + cfg.max_shard_bytes, side="right")) - 1
+            end = max(start + 1, min(start + cfg.shard_size, by_bytes, stop))
+            shards.append(ShardPlan(len(shards), start, end, gen))
+            start = end
     return shards
 
 

@@ -16,8 +16,6 @@ trained on the earlier rows; --update reruns it whole and says so.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from pipeline.errors import UserError
@@ -25,14 +23,11 @@ from pipeline.retrieve.features import FeatureSet
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
     NO_MATCH,
-    Candidates,
     ExactSearch,
     Tiling,
     finish_rows,
     normalize,
 )
-
-log = logging.getLogger("featpipe")
 
 
 def check_growth(fs: FeatureSet, old: dict, new: dict) -> str | None:
@@ -73,12 +68,8 @@ def neighbours(
         for rows in _blocks(merge, tiling.query_rows):
             q = fs.take(rows)
             known = np.where(old_m[rows] != NO_MATCH, old_m[rows].astype(np.int64), -1)
-            if len(added):
-                cand = new_only.candidates(normalize(q), count)
-                matches[rows], scores[rows] = finish_rows(fs, rows, q, cand, k, self_match, new_only, known)
-            else:
-                none = _no_candidates(len(rows))
-                matches[rows], scores[rows] = finish_rows(fs, rows, q, none, k, self_match, None, known)
+            cand = new_only.candidates(normalize(q), count)  # none (-1) when no row was added
+            matches[rows], scores[rows] = finish_rows(fs, rows, q, cand, k, self_match, new_only, known)
     counts = {"added_rows": len(added), "researched_rows": len(redo), "merged_rows": len(merge)}
     counts["removed_since"] = int(gone.sum())
     return matches, scores, counts
@@ -87,10 +78,6 @@ def neighbours(
 def _blocks(rows: np.ndarray, size: int):
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
-
-
-def _no_candidates(n: int) -> Candidates:
-    return Candidates(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64))
 
 
 def refuse(why: str, out: str) -> UserError:
