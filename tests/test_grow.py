@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def run_all(src, work, name: str, update: bool) -> None:
     api.pack(src, work / "shards", shard_size=6, relist=True, progress=False)
     api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
     api.match(work / "out", work / name / "match", k=5, progress=False, update=update)
-    api.dedup(work / "out", work / name / "dedup", 0.99, k=5, progress=False, update=update)
+    api.dedup(work / "out", work / name / "dedup", 0.9998, k=2, progress=False, update=update)  # lists grown
     api.index(work / "out", work / name / "index", index_key="Flat", progress=False, update=update)
 
 
@@ -68,11 +69,13 @@ def test_a_growing_folder_updates_to_what_a_full_run_gives(tmp_path):
         # match and dedup: equal to a full run over the same features
         full = tmp_path / f"full{n}"
         api.match(work / "out", full / "match", k=5, progress=False)
-        api.dedup(work / "out", full / "dedup", 0.99, k=5, progress=False)
+        api.dedup(work / "out", full / "dedup", 0.9998, k=2, progress=False)
         same_files(work / "inc" / "match", full / "match", ["matches.npy", "scores.npy", "neighbors.parquet"])
         same_files(work / "inc" / "dedup", full / "dedup", ["groups.json", "duplicates.json", "to_remove.txt"])
         report = json.loads((work / "inc" / "match" / "match.json").read_text())
         assert report["update"]["added_rows"] == len(step["add"])
+        capped = json.loads((work / "inc" / "dedup" / "dedup.json").read_text())["capped_lists"]
+        assert 0 < capped["kept_from_earlier"] < capped["grown"]  # earlier grown lists kept, new ones grown
     removed = json.loads((work / "out" / "removed.json").read_text())
     assert [p.rsplit("/", 1)[-1] for p in removed["paths"]] == ["m03.jpg", "m07.jpg"]
     gone = set(removed["rows"])
@@ -105,19 +108,40 @@ def packed_and_extracted(tmp_path, n: int) -> tuple:
     return src, work
 
 
-def test_a_killed_match_update_reruns_to_the_same_result(tmp_path):
+def test_each_killed_update_step_reruns_to_the_same_result(tmp_path):
     src, work = packed_and_extracted(tmp_path, 14)
     api.match(work / "out", work / "m", k=4, progress=False)
     api.index(work / "out", work / "i", index_key="Flat", progress=False)
+    api.dedup(work / "out", work / "d", 0.9998, k=2, progress=False)
     (src / "b.jpg").write_bytes(jpeg(30))
     (src / "m02.jpg").unlink()
-    api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
+    # pack --relist killed once its new shard is committed: the rerun gives what an unbroken one gives
+    shutil.copytree(work / "shards", work / "shards2")
+    pack_args = ("pack", src, work / "shards", "--shard-size", "4", "--relist", "--no-progress")
+    assert run_cli(*pack_args, env={"FEATPIPE_TEST_CRASH": "after-shard"}, check=False).returncode == -9
+    run_cli(*pack_args)
+    api.pack(src, work / "shards2", shard_size=4, relist=True, progress=False)
+    assert sorted(p.name for p in (work / "shards").iterdir()) == sorted(p.name for p in (work / "shards2").iterdir())
+    same_files(
+        work / "shards", work / "shards2", [p.name for p in (work / "shards2").glob("*.*") if p.suffix != ".json"]
+    )
+    a, b = (
+        {k: v for k, v in json.loads((work / d / "manifest.json").read_text()).items() if k != "destination"}
+        for d in ("shards", "shards2")
+    )
+    assert a == b
     api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
     args = ("match", work / "out", work / "m", "-k", "4", "--no-progress", "--update", "--memory-budget", "2MB")
     assert run_cli(*args, env={"FEATPIPE_TEST_CRASH": "update-block"}, check=False).returncode == -9
     run_cli(*args)
     api.match(work / "out", work / "full", k=4, progress=False)
     same_files(work / "m", work / "full", ["matches.npy", "scores.npy"])
+    # dedup --update killed after saving its grown lists, before its groups: rerun
+    dedup_args = ("dedup", work / "out", work / "d", "--threshold", "0.9998", "-k", "2", "--update", "--no-progress")
+    assert run_cli(*dedup_args, env={"FEATPIPE_TEST_CRASH": "dedup-grown"}, check=False).returncode == -9
+    run_cli(*dedup_args)
+    api.dedup(work / "out", work / "full_d", 0.9998, k=2, progress=False)
+    same_files(work / "d", work / "full_d", ["groups.json", "duplicates.json", "to_remove.txt"])
     # index --update killed after writing its new index file, before index.json names it: rerun
     index_args = ("index", work / "out", work / "i", "--update", "--no-progress")
     assert run_cli(*index_args, env={"FEATPIPE_TEST_CRASH": "index-written"}, check=False).returncode == -9

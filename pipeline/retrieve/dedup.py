@@ -20,23 +20,31 @@ paths to_remove.txt leaves out are listed in dedup.json.
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.faults import crash_point
 from pipeline.names import is_escaped, name_bytes
 from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
 from pipeline.retrieve.knn import NO_MATCH, ExactSearch, cosines, normalize64, plan_tiles, valid_rows
 from pipeline.retrieve.match import MatchConfig, load_neighbors, run_match
-from pipeline.storage import commit_bytes, commit_json, locate, utf8_json
+from pipeline.storage import commit_bytes, commit_file, commit_json, locate, staging_file
+
+log = logging.getLogger("featpipe")
 
 GROUPS_FILE = "groups.json"
 DUPLICATES_FILE = "duplicates.json"
 REMOVE_FILE = "to_remove.txt"
 REMOVE_NUL_FILE = "to_remove.nul"
 REPORT_FILE = "dedup.json"
+GROWN_FILE = "grown.npz"  # the grown lists: dedup --update scans only the rows added since
 EXPAND_LIMIT = 4096  # rows whose full k neighbours reach T, grown by an exact scan each
 
 
@@ -83,7 +91,10 @@ def run_dedup(cfg: DedupConfig) -> DedupResult | None:
     out = locate(cfg.out)
     matches, scores = load_neighbors(out)
     graph = Neighbours(matches, scores, np.float32(cfg.threshold))
-    capped = graph.grow(fs, cfg.match.get("memory_budget", MatchConfig.memory_budget))
+    earlier = Grown.load(out, fs, cfg.threshold) if cfg.match.get("update") else None
+    capped = graph.grow(fs, cfg.match.get("memory_budget", MatchConfig.memory_budget), earlier)
+    Grown(fs.n, fs.fingerprint, cfg.threshold, fs.removed, graph.grown).save(out)
+    crash_point("dedup-grown")  # test-only: a rerun of --update starts from the lists just saved
     order = _by_size(fs)
     groups = (star if cfg.linkage == "star" else connected)(fs, graph, order)
     histogram = nearest_histogram(matches, scores)
@@ -103,23 +114,42 @@ class Neighbours:
         last_m, last_s = self.matches[:, -1], self.scores[:, -1]
         return np.flatnonzero((last_m != NO_MATCH) & (last_s >= self.threshold))
 
-    def grow(self, fs: FeatureSet, budget: int) -> dict:
-        """Every row at ≥ T for up to EXPAND_LIMIT capped rows (an exact scan); what was left."""
+    def grow(self, fs: FeatureSet, budget: int, earlier: Grown | None = None) -> dict:
+        """Every row at ≥ T for up to EXPAND_LIMIT capped rows (an exact scan); what was left.
+        A row `earlier` grew keeps its list (less rows removed since) and scans only the rows
+        added since: what a scan of every row gives, as the earlier rows did not change."""
         rows = self.capped()
         todo, left = rows[:EXPAND_LIMIT], rows[EXPAND_LIMIT:]
-        if len(todo):
-            tiling = plan_tiles(fs.n, fs.dim, self.matches.shape[1], budget)
-            exact = ExactSearch(fs, valid_rows(fs, tiling.db_rows), tiling)
-            q = normalize64(fs.take(todo))
-            floors = np.full(len(todo), self.threshold - exact.error, np.float32)
-            for row, q64, ids in zip(todo, q, exact.within(q.astype(np.float32), floors), strict=True):
-                ids = ids[ids != row]
-                sims = cosines(q64, normalize64(fs.take(ids)))
-                keep = sims.astype(np.float32) >= self.threshold
-                order = np.lexsort((ids[keep], -sims[keep]))
-                self.grown[int(row)] = (ids[keep][order], sims[keep][order].astype(np.float32))
+        tiling = plan_tiles(fs.n, fs.dim, self.matches.shape[1], budget)
+        valid = valid_rows(fs, tiling.db_rows) if len(todo) else np.zeros(fs.n, bool)
+        kept = earlier.lists if earlier else {}
+        again = np.array([r for r in todo if int(r) in kept], np.int64)
+        fresh = np.setdiff1d(todo, again)
+        self._scan(fs, fresh, ExactSearch(fs, valid, tiling), {})
+        if len(again):
+            added = valid & (np.arange(fs.n) >= earlier.n)
+            self._scan(fs, again, ExactSearch(fs, added, tiling), {int(r): kept[int(r)] for r in again}, valid)
         widest = max((len(v[0]) for v in self.grown.values()), default=0)
-        return {"grown": len(todo), "widest": widest, "left_capped": len(left), "left_rows": left[:1000].tolist()}
+        counts = {"grown": len(todo), "widest": widest, "left_capped": len(left), "left_rows": left[:1000].tolist()}
+        return {**counts, "kept_from_earlier": len(again)}
+
+    def _scan(self, fs: FeatureSet, rows: np.ndarray, exact: ExactSearch, kept: dict, valid=None) -> None:
+        """Grow `rows` by the rows `exact` searches, merged with the lists `kept` (less invalid rows)."""
+        if not len(rows):
+            return
+        q = normalize64(fs.take(rows))
+        floors = np.full(len(rows), self.threshold - exact.error, np.float32)
+        for row, q64, ids in zip(rows, q, exact.within(q.astype(np.float32), floors), strict=True):
+            ids = ids[ids != row]
+            sims = cosines(q64, normalize64(fs.take(ids))).astype(np.float32)
+            keep = sims >= self.threshold
+            ids, sims = ids[keep], sims[keep]
+            if int(row) in kept:
+                old_ids, old_sims = kept[int(row)]
+                still = valid[old_ids]
+                ids, sims = np.concatenate([old_ids[still], ids]), np.concatenate([old_sims[still], sims])
+            order = np.lexsort((ids, -sims))
+            self.grown[int(row)] = (ids[order], sims[order])
 
     def of(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(neighbour rows, scores) at ≥ T, by (score desc, row asc)."""
@@ -128,6 +158,57 @@ class Neighbours:
         m, s = self.matches[row], self.scores[row]
         keep = (m != NO_MATCH) & (s >= self.threshold)
         return m[keep].astype(np.int64), s[keep]
+
+
+@dataclass
+class Grown:
+    """The grown lists dedup wrote into OUT (GROWN_FILE), for `dedup --update` to start from: lists
+    over the first n rows of features whose fingerprint was `features`, at `threshold`."""
+
+    n: int
+    features: str
+    threshold: float
+    removed: np.ndarray
+    lists: dict[int, tuple[np.ndarray, np.ndarray]]
+
+    def save(self, out) -> None:
+        rows = np.array(sorted(self.lists), np.int64)
+        ids = [self.lists[r][0] for r in rows]
+        meta = json.dumps({"n": self.n, "features": self.features, "threshold": self.threshold})
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            meta=np.array(meta),
+            rows=rows,
+            offsets=np.cumsum([0, *map(len, ids)]).astype(np.int64),
+            ids=np.concatenate([np.zeros(0, np.int64), *ids]),
+            scores=np.concatenate([np.zeros(0, np.float32), *(self.lists[r][1] for r in rows)]),
+            removed=self.removed,
+        )
+        commit_bytes(out.fs, out.join(GROWN_FILE), buf.getvalue())
+
+    @classmethod
+    def load(cls, out, fs: FeatureSet, threshold: float) -> Grown | None:
+        """The earlier lists when they fit these features and T (None: grow every row again)."""
+        if not out.fs.exists(out.join(GROWN_FILE)):
+            return None
+        try:
+            with out.fs.open(out.join(GROWN_FILE), "rb") as f, np.load(io.BytesIO(f.read())) as z:
+                meta, rows, offsets = json.loads(str(z["meta"])), z["rows"], z["offsets"]
+                ids, scores, removed = z["ids"], z["scores"], z["removed"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            log.info("%s is damaged: every capped row is grown again", out.join(GROWN_FILE))
+            return None
+        fits = (
+            meta["threshold"] == threshold
+            and meta["n"] <= fs.n
+            and set(removed.tolist()) <= set(fs.removed.tolist())
+            and fs.prefix_fingerprint(meta["n"]) == meta["features"]
+        )
+        if not fits:
+            return None
+        lists = {int(r): (ids[a:b], scores[a:b]) for r, a, b in zip(rows, offsets[:-1], offsets[1:], strict=True)}
+        return cls(meta["n"], meta["features"], threshold, removed, lists)
 
 
 def _by_size(fs: FeatureSet) -> np.ndarray:
@@ -217,11 +298,10 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
         }
         for g in groups
     ]
-    duplicates = {name(m): [name(o) for o in g.members if o != m] for g in groups for m in g.members}
     removed = sorted(m for g in groups for m in g.members[1:])
     lines, left_out = removal_lists([name(r) for r in removed])
     commit_json(out.fs, out.join(GROUPS_FILE), records)
-    commit_bytes(out.fs, out.join(DUPLICATES_FILE), utf8_json(duplicates, indent=1))
+    _write_duplicates(out, groups, name)
     commit_bytes(out.fs, out.join(REMOVE_FILE), lines)
     commit_bytes(out.fs, out.join(REMOVE_NUL_FILE), b"".join(name_bytes(name(r)) + b"\0" for r in removed))
     report = {
@@ -249,6 +329,34 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
     }
     commit_json(out.fs, out.join(REPORT_FILE), report)
     return report
+
+
+def _write_duplicates(out, groups: list[Group], name) -> None:
+    """duplicates.json as imagededup writes it, {image: [its duplicates]}, sorted, one image a line.
+    Its size is the sum of the groups' squared sizes (20,000 images in 8 groups: 50M names, ~1 GB),
+    so it is streamed to a staged file from names encoded once: building the dict and json.dumps
+    with indent (Python's own encoder) took 75 s for those 50M names, this takes a few."""
+    encoded = [[_json_text(name(m)) for m in g.members] for g in groups]
+    where = {name(m): (gi, p) for gi, g in enumerate(groups) for p, m in enumerate(g.members)}
+    staged = staging_file(out.fs, out.join(DUPLICATES_FILE))
+    with open(staged, "w", encoding="utf-8", buffering=1 << 20) as f:
+        f.write("{")
+        for n, key in enumerate(sorted(where)):
+            gi, p = where[key]
+            others = encoded[gi][:p] + encoded[gi][p + 1 :]
+            f.write(f"{',' if n else ''}\n {_json_text(key)}: [{', '.join(others)}]")
+        f.write("\n}\n" if where else "}\n")
+    commit_file(out.fs, staged, out.join(DUPLICATES_FILE))
+
+
+def _json_text(text: str) -> str:
+    """A JSON string, as UTF-8 where it can be (a name that is not valid UTF-8 gets \\u escapes)."""
+    as_json = json.dumps(text, ensure_ascii=False)
+    try:
+        as_json.encode()
+    except UnicodeEncodeError:
+        return json.dumps(text)
+    return as_json
 
 
 def removal_lists(paths: list[str]) -> tuple[bytes, list[str]]:
