@@ -109,26 +109,23 @@ def test_kill_then_rerun_gives_identical_bytes(vectors, exact, tmp_path):
         assert (out / name).read_bytes() == (exact / name).read_bytes(), name
 
 
-def test_two_torchrun_ranks_give_the_same_bytes(vectors, exact, tmp_path):
-    out = tmp_path / "ranks"
-    proc = torchrun(
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "pipeline",
-        "match",
-        str(vectors),
-        str(out),
-        "--method",
-        "exact",
-        "--memory-budget",
-        "600KB",
-        "--no-progress",
-    )
+def test_two_torchrun_ranks_give_the_same_bytes_and_update_a_grown_match(vectors, exact, tmp_path):
+    """Two ranks match the first 5,900 rows, then --update after 100 rows are added: the same bytes
+    as one process matching all 6,000 (a wrong first match would survive in the merged rows)."""
+    features, out = tmp_path / "fts.npy", tmp_path / "ranks"
+    np.save(features, np.load(vectors)[:5900])
+    args = ("--standalone", "--nproc-per-node", "2", "-m", "pipeline", "match", str(features), str(out))
+    flags = ("--method", "exact", "--memory-budget", "600KB", "--no-progress")
+    proc = torchrun(*args, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.save(features, np.load(vectors))
+    proc = torchrun(*args, *flags, "--update")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("matches.npy", "scores.npy"):
         assert (out / name).read_bytes() == (exact / name).read_bytes(), name
+    report = json.loads((out / "match.json").read_text())
+    assert report["update"]["added_rows"] == 100 and report["update"]["merged_rows"] == 5900
+    assert len(list((out / "blocks").glob("*.matches.npy"))) == -(-6000 // report["tiling"]["query_rows"]) > 2
 
 
 def test_ivf_reaches_the_recall_target(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import subprocess
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+DEDUP_FILES = ("groups.json", "duplicates.json", "to_remove.txt")
 MODEL = ["--model-repo", str(ROOT / "pipeline" / "hub"), "--model-name", "vit_tiny_p14"]
 
 
@@ -130,9 +132,14 @@ def main() -> None:
     featpipe("dedup", tmp / "inc" / "out", check, "--threshold", args.threshold, "-k", "10", "--no-progress")
     same = all(
         (tmp / "inc" / d / n).read_bytes() == (tmp / "check" / d / n).read_bytes()
-        for d, n in (("match", "matches.npy"), ("match", "scores.npy"), ("dedup", "groups.json"))
+        for d, n in (("match", "matches.npy"), ("match", "scores.npy"), *(("dedup", n) for n in DEDUP_FILES))
     )
-    print(f"update's matches, scores and groups equal a full match and dedup of the same features: {same}")
+    report = json.loads((tmp / "inc" / "dedup" / "dedup.json").read_text())
+    print(
+        f"dedup at {args.threshold}: {report['groups']} groups, {report['to_remove']} to remove, "
+        f"{report['capped_lists']['grown']} full lists grown"
+    )
+    print(f"update's matches, scores and dedup outputs equal a full match and dedup of the same features: {same}")
 
 
 if __name__ == "__main__":

@@ -124,8 +124,6 @@ def run_match(cfg: MatchConfig) -> MatchResult:
         "removed_rows": fs.removed.tolist(),
     }
     tag = plan_tag(plan)
-    if cfg.update and ctx.active:
-        raise UserError("match --update runs in one process (it searches only the rows that changed)")
     if ctx.active:
         import torch
 
@@ -136,26 +134,31 @@ def run_match(cfg: MatchConfig) -> MatchResult:
         t = time.perf_counter()
         valid = valid_rows(fs, tiling.db_rows)
         timings["scan_s"] = time.perf_counter() - t
-        updated = None
-        if old is not None:
-            t = time.perf_counter()
-            updated = _update(out, fs, old, plan, valid, tiling, cfg)
-            timings["update_s"] = time.perf_counter() - t
-        search, extra = _searcher(method, fs, valid, tiling, device, cfg, out, ctx, timings)
+        updater = _updater(out, fs, old, plan, valid, tiling, cfg, ctx) if old is not None else None
+        if isinstance(updater, update.Updater):
+            self_match = "exclude" if cfg.exclude_self else "first"
+            block, extra = (lambda start, stop: updater.block(start, stop, self_match)), {}
+        else:
+            search, extra = _searcher(method, fs, valid, tiling, device, cfg, out, ctx, timings)
+            block = _search_block(search, fs, valid, cfg)
         t = time.perf_counter()
         blocks = list(range(0, fs.n, tiling.query_rows))
-        _search_blocks(blocks[ctx.rank :: ctx.world], search, fs, valid, tiling, cfg, out, ctx, tag)
+        crash = "update-block" if isinstance(updater, update.Updater) else "after-block"
+        _search_blocks(blocks[ctx.rank :: ctx.world], block, fs, tiling, cfg, out, ctx, tag, crash)
         timings["search_s"] = time.perf_counter() - t
         dist.barrier(ctx)
         report = None
         if ctx.is_main:
             t = time.perf_counter()
+            if isinstance(updater, update.Updater):  # the new blocks are all there: commit, then drop the old
+                commit_json(out.fs, out.join(PLAN_FILE), plan)
+                _drop_blocks(out, keep=tag)
             _assemble(out, fs, blocks, cfg, tag)
             timings["assemble_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t0
             report = _report(cfg, fs, valid, method, device, tiling, extra, timings)
-            if updated is not None:
-                report["update"] = updated
+            if updater is not None:
+                report["update"] = updater.counts if isinstance(updater, update.Updater) else updater
             commit_json(out.fs, out.join(REPORT_FILE), report)
     finally:
         dist.shutdown(ctx)
@@ -228,40 +231,45 @@ def _prepare_out(out: Location, plan: dict, cfg: MatchConfig, ctx: dist.DistCont
         else:
             commit_json(out.fs, path, plan)
     dist.barrier(ctx)
+    if cfg.update and not ctx.is_main:  # the plan stays the earlier one until every block of the update is in
+        committed = read_json(out.fs, out.join(PLAN_FILE))
+        old = None if committed == plan else committed
+    if cfg.update:
+        dist.barrier(ctx)  # every rank has read the earlier plan before rank 0 may replace it
     return old
 
 
-def _update(
-    out: Location, fs: FeatureSet, old: dict, plan: dict, valid: np.ndarray, tiling: Tiling, cfg: MatchConfig
-) -> dict:
-    """The grown match as blocks of the new plan, then the plan (the commit), then the old blocks
-    go: a kill at any point leaves either the old match, to update again, or the new one."""
+def _updater(
+    out: Location,
+    fs: FeatureSet,
+    old: dict,
+    plan: dict,
+    valid: np.ndarray,
+    tiling: Tiling,
+    cfg: MatchConfig,
+    ctx: dist.DistContext,
+) -> update.Updater | dict:
+    """How to update OUT's earlier match: an Updater whose blocks (tagged with the new plan) are
+    committed by the new plan once all are written, the old blocks dropped after, so a kill at any
+    point leaves the old match, to update again from the blocks done, or the new one. An IVF match
+    is matched whole again (the dict says why)."""
     why = update.check_growth(fs, old, plan)
     if why and old["method"] == "exact":
         raise update.refuse(why, out.url())
-    if why:  # IVF: run whole
-        log.info("--update: %s; matching every row again", why)
-        _drop_blocks(out, keep=None)
-        commit_json(out.fs, out.join(PLAN_FILE), plan)
+    if why:
+        if ctx.is_main:
+            log.info("--update: %s; matching every row again", why)
+            _drop_blocks(out, keep=None)
+            commit_json(out.fs, out.join(PLAN_FILE), plan)
+        dist.barrier(ctx)
         return {"whole": why}
-    old_m, _ = load_neighbors(out)
-    self_match = "exclude" if cfg.exclude_self else "first"
-    matches, scores, counts = update.neighbours(fs, old, old_m, valid, tiling, cfg.k, self_match)
-    tag = plan_tag(plan)
-    for start in range(0, fs.n, tiling.query_rows):
-        stop = min(start + tiling.query_rows, fs.n)
-        write_block(out, tag, start, matches[start:stop], scores[start:stop])
-        crash_point("update-block")  # test-only: dies once the first new block is written
-    commit_json(out.fs, out.join(PLAN_FILE), plan)
-    _drop_blocks(out, keep=tag)
+    updater = update.Updater(fs, old, load_neighbors(out)[0], valid, tiling, cfg.k)
     log.info(
-        "--update: %d new rows searched, %d earlier rows searched again (a neighbour was removed), "
-        "%d merged with the new rows",
-        counts["added_rows"],
-        counts["researched_rows"],
-        counts["merged_rows"],
+        "--update: %d new rows to search, %d earlier rows to search again (a neighbour was removed), "
+        "%d to merge with the new rows",
+        *(updater.counts[key] for key in ("added_rows", "researched_rows", "merged_rows")),
     )
-    return counts
+    return updater
 
 
 def _drop_blocks(out: Location, keep: str | None) -> None:
@@ -323,41 +331,48 @@ def _block_path(out: Location, tag: str, start: int, what: str) -> str:
     return out.join(BLOCKS, f"{tag}-{start:012d}.{what}.npy")
 
 
+def _search_block(search, fs: FeatureSet, valid: np.ndarray, cfg: MatchConfig):
+    """A full match's query block: candidates from `search`, exact scores and ties settled."""
+    self_match = "exclude" if cfg.exclude_self else "first"
+    count = cfg.k + 1 + CANDIDATE_MARGIN  # the query itself may take a slot
+    exact = search if isinstance(search, ExactSearch) else None
+
+    def block(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, ok = np.arange(start, stop), valid[start:stop]
+        matches = np.full((len(ids), cfg.k), np.iinfo(np.uint32).max, np.uint32)
+        scores = np.full((len(ids), cfg.k), np.nan, np.float32)
+        if ok.any():
+            q = fs.read(start, stop)[ok]
+            cand = search.candidates(normalize(q), count)
+            matches[ok], scores[ok] = finish_rows(fs, ids[ok], q, cand, cfg.k, self_match, exact)
+        return matches, scores
+
+    return block
+
+
 def _search_blocks(
     starts: list[int],
-    search,
+    block,
     fs: FeatureSet,
-    valid: np.ndarray,
     tiling: Tiling,
     cfg: MatchConfig,
     out: Location,
     ctx: dist.DistContext,
     tag: str,
+    crash: str,
 ) -> None:
+    """This rank's query blocks that are not committed yet, each committed as it is done."""
     from tqdm.auto import tqdm
 
     done = {p.rsplit("/", 1)[-1] for p in out.fs.glob(out.join(BLOCKS, "*.matches.npy"))}
     todo = [s for s in starts if _block_path(out, tag, s, "matches").rsplit("/", 1)[-1] not in done]
     log.info("%d of this rank's %d query blocks to do (%d rows each)", len(todo), len(starts), tiling.query_rows)
-    self_match = "exclude" if cfg.exclude_self else "first"
-    count = cfg.k + 1 + CANDIDATE_MARGIN  # the query itself may take a slot
-    exact = search if isinstance(search, ExactSearch) else None
     with tqdm(
         total=len(todo), unit="block", desc=f"match[{ctx.rank}]" if ctx.active else "match", disable=not cfg.progress
     ) as bar:
         for start in todo:
-            stop = min(start + tiling.query_rows, fs.n)
-            ids = np.arange(start, stop)
-            ok = valid[start:stop]
-            matches = np.full((len(ids), cfg.k), np.iinfo(np.uint32).max, np.uint32)
-            scores = np.full((len(ids), cfg.k), np.nan, np.float32)
-            if ok.any():
-                q = fs.read(start, stop)[ok]
-                cand = search.candidates(normalize(q), count)
-                m, s = finish_rows(fs, ids[ok], q, cand, cfg.k, self_match, exact)
-                matches[ok], scores[ok] = m, s
-            write_block(out, tag, start, matches, scores)
-            crash_point("after-block", ctx.rank)  # test-only: dies here once the first block is committed
+            write_block(out, tag, start, *block(start, min(start + tiling.query_rows, fs.n)))
+            crash_point(crash, ctx.rank)  # test-only: dies here once the first block is committed
             bar.update(1)
 
 

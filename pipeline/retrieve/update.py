@@ -10,7 +10,8 @@ end and rows may have been removed (OUT/removed.json of the extract). Then, exac
   sorts after it (higher row number), so the merge is the exact top k; ties among new rows at the
   k-th score are gathered by a scan of the new rows.
 The result equals a full rerun byte for byte (test), at the cost of (new rows × all rows) +
-(earlier rows × new rows) instead of all × all. The IVF method is not updated: its lists were
+(earlier rows × new rows) instead of all × all. It goes in the new plan's query blocks, split
+across torchrun ranks as a full match's are. The IVF method is not updated: its lists were
 trained on the earlier rows; --update reruns it whole and says so.
 """
 
@@ -42,42 +43,46 @@ def check_growth(fs: FeatureSet, old: dict, new: dict) -> str | None:
     return None
 
 
-def neighbours(
-    fs: FeatureSet, old: dict, old_m: np.ndarray, valid: np.ndarray, tiling: Tiling, k: int, self_match: str
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Every row's k neighbours for the grown features, from the earlier ones (old_m: the earlier
-    rows' lists); returns (matches uint32, scores float32, counts of what was searched)."""
-    n0 = old["n"]
-    gone = np.zeros(fs.n, bool)
-    gone[np.setdiff1d(fs.removed, old.get("removed_rows", []))] = True
-    listed = old_m != NO_MATCH
-    touched = (gone[np.where(listed, old_m, 0).astype(np.int64)] & listed).any(axis=1)
-    redo = np.flatnonzero(valid[:n0] & touched)
-    merge = np.flatnonzero(valid[:n0] & ~touched)
-    added = np.flatnonzero(valid[n0:]) + n0
-    matches = np.full((fs.n, k), NO_MATCH, np.uint32)
-    scores = np.full((fs.n, k), np.nan, np.float32)
-    everything = ExactSearch(fs, valid, tiling)
-    count = k + 1 + CANDIDATE_MARGIN
-    for rows in _blocks(np.concatenate([redo, added]), tiling.query_rows):
-        q = fs.take(rows)
-        cand = everything.candidates(normalize(q), count)
-        matches[rows], scores[rows] = finish_rows(fs, rows, q, cand, k, self_match, everything)
-    if len(merge):
-        new_only = ExactSearch(fs, valid & (np.arange(fs.n) >= n0), tiling)
-        for rows in _blocks(merge, tiling.query_rows):
-            q = fs.take(rows)
-            known = np.where(old_m[rows] != NO_MATCH, old_m[rows].astype(np.int64), -1)
-            cand = new_only.candidates(normalize(q), count)  # none (-1) when no row was added
-            matches[rows], scores[rows] = finish_rows(fs, rows, q, cand, k, self_match, new_only, known)
-    counts = {"added_rows": len(added), "researched_rows": len(redo), "merged_rows": len(merge)}
-    counts["removed_since"] = int(gone.sum())
-    return matches, scores, counts
+class Updater:
+    """The grown match one query block at a time (blocks of the new plan, so torchrun ranks split
+    them as a full match's, and a killed update resumes from the blocks it committed)."""
 
+    def __init__(self, fs: FeatureSet, old: dict, old_m: np.ndarray, valid: np.ndarray, tiling: Tiling, k: int):
+        n0 = old["n"]
+        gone = np.zeros(fs.n, bool)
+        gone[np.setdiff1d(fs.removed, old.get("removed_rows", []))] = True
+        listed = old_m != NO_MATCH
+        touched = np.zeros(fs.n, bool)
+        touched[:n0] = (gone[np.where(listed, old_m, 0).astype(np.int64)] & listed).any(axis=1)
+        earlier = np.arange(fs.n) < n0
+        self.search_all = valid & (touched | ~earlier)  # new rows, and rows that lost a neighbour
+        self.merge = valid & earlier & ~touched  # the rest: their lists merged with the new rows
+        self.fs, self.old_m, self.k = fs, old_m, k
+        self.everything = ExactSearch(fs, valid, tiling)
+        self.new_only = ExactSearch(fs, valid & ~earlier, tiling)  # searches nothing when no row was added
+        self.counts = {
+            "added_rows": int((valid & ~earlier).sum()),
+            "researched_rows": int((valid & touched).sum()),
+            "merged_rows": int(self.merge.sum()),
+            "removed_since": int(gone.sum()),
+        }
 
-def _blocks(rows: np.ndarray, size: int):
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+    def block(self, start: int, stop: int, self_match: str) -> tuple[np.ndarray, np.ndarray]:
+        """Rows start..stop's k neighbours (uint32, float32; NO_MATCH/NaN for invalid rows)."""
+        matches = np.full((stop - start, self.k), NO_MATCH, np.uint32)
+        scores = np.full((stop - start, self.k), np.nan, np.float32)
+        rows, vectors, count = np.arange(start, stop), self.fs.read(start, stop), self.k + 1 + CANDIDATE_MARGIN
+        for which, search in ((self.search_all[start:stop], self.everything), (self.merge[start:stop], self.new_only)):
+            if not which.any():
+                continue
+            ids, q = rows[which], vectors[which]
+            known = None
+            if search is self.new_only:
+                old = self.old_m[ids]
+                known = np.where(old != NO_MATCH, old.astype(np.int64), -1)
+            cand = search.candidates(normalize(q), count)
+            matches[which], scores[which] = finish_rows(self.fs, ids, q, cand, self.k, self_match, search, known)
+        return matches, scores
 
 
 def refuse(why: str, out: str) -> UserError:
