@@ -14,6 +14,7 @@ from conftest import PHOTOS, ROOT, run_cli
 from PIL import Image
 
 from pipeline import api
+from pipeline.errors import UserError
 
 HUB = str(ROOT / "pipeline" / "hub")
 pytest.importorskip("faiss")
@@ -162,6 +163,7 @@ def test_each_killed_update_step_reruns_to_the_same_result(tmp_path):
 def test_rows_removed_after_an_index_was_built_are_never_returned(tmp_path):
     src, work = packed_and_extracted(tmp_path, 10)
     api.index(work / "out", work / "index", index_key="HNSW8,Flat", progress=False)
+    api.match(work / "out", work / "m", k=3, progress=False)
     (src / "m04.jpg").unlink()  # nothing added: the features keep their bytes, the index stays valid
     api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
     api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
@@ -174,3 +176,18 @@ def test_rows_removed_after_an_index_was_built_are_never_returned(tmp_path):
     meta = api.index(work / "out", work / "index", index_key="HNSW8,Flat", progress=False, update=True)
     assert meta["removed_rows"] == [] and meta["updates"] == 1
     assert 4 not in {h.row for h in api.query(work / "index", tmp_path / "q.npy", k=9)}
+    # a page of the match made before the removal is refused until the match is updated
+    with pytest.raises(UserError, match="removed since this match was made; run it again with --update"):
+        api.show(work / "m", tmp_path / "page.html")
+    report = api.match(work / "out", work / "m", k=3, progress=False, update=True).report
+    counts = report["update"]
+    assert (counts["added_rows"], counts["removed_since"], counts["researched_rows"] + counts["merged_rows"]) == (
+        0,
+        1,
+        9,
+    )
+    assert counts["researched_rows"] >= 1  # the rows that listed m04
+    api.match(work / "out", work / "full", k=3, progress=False)
+    same_files(work / "m", work / "full", ["matches.npy", "scores.npy"])
+    api.show(work / "m", tmp_path / "page.html")
+    assert "m04.jpg" not in (tmp_path / "page.html").read_text() and "m05.jpg" in (tmp_path / "page.html").read_text()

@@ -125,6 +125,12 @@ class FeatureSet:
             raise UserError(f"{self.folder}: {REMOVED_FILE} names rows outside 0..{self.n - 1}; consolidate again")
         return rows
 
+    @cached_property
+    def removed_digest(self) -> dict:
+        """Which rows are removed, in a line (a record made before a removal is told by it): their
+        count and the SHA-256 of their row numbers. The numbers themselves stay in removed.json."""
+        return {"count": len(self.removed), "sha256": hashlib.sha256(self.removed.astype("<i8").tobytes()).hexdigest()}
+
     @property
     def keys(self) -> list[str] | None:
         """Sample keys in row order, from the chunks."""

@@ -121,7 +121,7 @@ def run_match(cfg: MatchConfig) -> MatchResult:
         "exclude_self": cfg.exclude_self,
         "method": method,
         **tiling.settings,
-        "removed_rows": fs.removed.tolist(),
+        "removed": fs.removed_digest,
     }
     tag = plan_tag(plan)
     if ctx.active:
@@ -452,7 +452,7 @@ def _report(
         "memory_budget": cfg.memory_budget,
         "tiling": asdict(tiling),
         **extra,
-        "removed_rows": fs.removed.tolist(),  # gone from the source: left out, like invalid rows
+        "removed": fs.removed_digest,  # gone from the source (removed.json): left out, like invalid rows
         "invalid_rows": {
             "count": len(invalid),
             "rows": invalid[:1000].tolist(),

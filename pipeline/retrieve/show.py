@@ -8,6 +8,7 @@ Pages hold a bounded number of items, linked page to page, so each stays light.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import os
@@ -92,7 +93,8 @@ def _features(report: dict) -> FeatureSet | None:
     fs = open_features(path)
     if fs.fingerprint != report.get("features_fingerprint"):
         raise UserError(f"the features at {path} changed since this match was made; run the match again")
-    if fs.removed.tolist() != report.get("removed_rows", []):
+    none_removed = hashlib.sha256(b"").hexdigest()  # a match made before featpipe recorded removals
+    if report.get("removed", {}).get("sha256", none_removed) != fs.removed_digest["sha256"]:
         raise UserError(f"rows of {path} were removed since this match was made; run it again with --update")
     return fs
 

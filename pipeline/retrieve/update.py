@@ -49,8 +49,8 @@ class Updater:
 
     def __init__(self, fs: FeatureSet, old: dict, old_m: np.ndarray, valid: np.ndarray, tiling: Tiling, k: int):
         n0 = old["n"]
-        gone = np.zeros(fs.n, bool)
-        gone[np.setdiff1d(fs.removed, old.get("removed_rows", []))] = True
+        gone = np.zeros(fs.n, bool)  # rows removed before the earlier match are in no earlier list
+        gone[fs.removed] = True
         listed = old_m != NO_MATCH
         touched = np.zeros(fs.n, bool)
         touched[:n0] = (gone[np.where(listed, old_m, 0).astype(np.int64)] & listed).any(axis=1)
@@ -64,7 +64,7 @@ class Updater:
             "added_rows": int((valid & ~earlier).sum()),
             "researched_rows": int((valid & touched).sum()),
             "merged_rows": int(self.merge.sum()),
-            "removed_since": int(gone.sum()),
+            "removed_since": len(fs.removed) - old["removed"]["count"],
         }
 
     def block(self, start: int, stop: int, self_match: str) -> tuple[np.ndarray, np.ndarray]:
