@@ -77,7 +77,7 @@ def build_index(cfg: IndexConfig) -> dict:
         raise UserError(f"--index-key {exc}") from None
     param, value, recall = ann.tune(index, fs, valid, tiling, 10)
     log.info("index tuned: %s %s, recall@10 %.3f", param or "exact", value or "", recall)
-    _save(out, index, fs, key, param, value, recall, {"trained_on": fs.n, "removed_rows": fs.removed.tolist()})
+    _save(out, index, fs, key, param, value, recall, {"trained_on": fs.n, "removed_held": 0})
     return read_json(out.fs, out.join(META_FILE))
 
 
@@ -107,7 +107,8 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
     else:
         path = out.join(meta.get("file", INDEX_FILE))
         index = faiss.read_index(path if out.is_local else local_copy(out.fs, path))
-        removed = _remove(index, np.setdiff1d(fs.removed, meta.get("removed_rows", [])), meta.get("removed_rows", []))
+        since = len(fs.removed) - removed_count(meta)  # removal is for good: the earlier set is a subset
+        held = meta.get("removed_held", 0) + (since if since and not _remove(index, fs.removed) else 0)
         added = np.flatnonzero(valid[n0:]) + n0
         for start in range(0, len(added), tiling.db_rows):
             rows = added[start : start + tiling.db_rows]
@@ -120,26 +121,29 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
         log.info("index --update: rebuilding, %s", why)
         index = ann.build(fs, valid, key, tiling.db_rows, cfg.progress)
         param, value, recall = ann.tune(index, fs, valid, tiling, 10)
-        trained_on, removed = fs.n, fs.removed.tolist()
+        trained_on, held = fs.n, 0
     else:
-        taken = len(removed) - len(meta.get("removed_rows", []))
-        log.info("index --update: %d rows added, %d removed rows taken out", len(added), taken)
-    extra = {"trained_on": trained_on, "removed_rows": removed, "updates": meta.get("updates", 0) + 1}
+        log.info("index --update: %d rows added, %d rows removed since", len(added), since)
+    extra = {"trained_on": trained_on, "removed_held": held, "updates": meta.get("updates", 0) + 1}
     _save(out, index, fs, key, param, value, recall, extra)
     return read_json(out.fs, out.join(META_FILE))
 
 
-def _remove(index, gone: np.ndarray, before: list[int]) -> list[int]:
-    """Take `gone` out of the index where faiss can; the rows it holds no more, sorted."""
+def _remove(index, removed: np.ndarray) -> bool:
+    """Take every removed row out of the index where faiss can (rows taken out before are not
+    there: faiss skips them); False where it cannot (HNSW: `featpipe query` filters them)."""
     faiss = load_faiss()
-    if not len(gone):
-        return list(before)
     try:
-        index.remove_ids(faiss.IDSelectorBatch(gone.astype(np.int64)))
-    except RuntimeError:  # HNSW: no removal; `featpipe query` filters these rows out
-        log.info("this index cannot drop rows: %d removed rows are filtered out at query time", len(gone))
-        return list(before)
-    return sorted({*before, *gone.tolist()})
+        index.remove_ids(faiss.IDSelectorBatch(removed.astype(np.int64)))
+    except RuntimeError:
+        log.info("this index cannot drop rows: removed rows are filtered out at query time")
+        return False
+    return True
+
+
+def removed_count(meta: dict) -> int:
+    """How many rows were removed from the source when the index was last written (index.json)."""
+    return meta["removed"]["count"] if "removed" in meta else len(meta.get("removed_rows", []))
 
 
 def _save(
@@ -192,6 +196,7 @@ def _save(
             "features_fingerprint": fs.fingerprint,
             "embedder": embedder,
             "generation": _generation(fs),
+            "removed": fs.removed_digest,  # rows removed from the source by then, taken out unless held
             "file": name,
             **extra,
         },

@@ -18,7 +18,7 @@ from pipeline.outdir import load_run
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
 from pipeline.retrieve.features import features_exist, open_features, require_vectors
-from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
+from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE, removed_count
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
     Candidates,
@@ -129,9 +129,9 @@ class Target:
         exact = None
         if self.meta:
             gone = self._gone_in_index
-            cand = IndexSearch(self._index).candidates(normalize(queries), count + len(gone))
-            if len(gone):  # rows removed since the index was built: asked for, then dropped
-                out = np.isin(cand.ids, gone)
+            cand = IndexSearch(self._index).candidates(normalize(queries), count + gone)
+            if gone:  # rows removed from the source that the index holds: asked for, then dropped
+                out = np.isin(cand.ids, self.features.removed)
                 cand = Candidates(np.where(out, -np.inf, cand.scores).astype(np.float32), np.where(out, -1, cand.ids))
             if self.features is None:  # the stored vectors are gone: the index's own scores
                 return cand.ids[:, :k], np.where(cand.ids[:, :k] >= 0, cand.scores[:, :k], np.nan)
@@ -143,11 +143,13 @@ class Target:
         return np.where(ids == np.iinfo(np.uint32).max, -1, ids.astype(np.int64)), scores
 
     @cached_property
-    def _gone_in_index(self) -> np.ndarray:
-        """Rows the features mark removed that the index still holds (index --update takes them out)."""
+    def _gone_in_index(self) -> int:
+        """How many rows the features mark removed the index may still hold: those removed since it
+        was written, and those it could not drop (HNSW); index --update takes them out."""
         if self.features is None:
-            return np.zeros(0, np.int64)
-        return np.setdiff1d(self.features.removed, self.meta.get("removed_rows", []))
+            return 0
+        since = len(self.features.removed) - removed_count(self.meta)
+        return since + self.meta.get("removed_held", 0)
 
     def vector_of(self, row: int) -> np.ndarray:
         if self.features is None:  # the index's own copy: IVF needs its direct map built for that
