@@ -131,7 +131,13 @@ def test_each_killed_update_step_reruns_to_the_same_result(tmp_path):
         for d in ("shards", "shards2")
     )
     assert a == b
-    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    # extract killed once the new shard's chunk is committed, before consolidating: rerun
+    extract_args = ("extract", work / "shards", work / "out", "--model-repo", HUB, "--model-name", "tiny_cnn")
+    extract_args += ("--workers", "0", "--no-progress")
+    assert run_cli(*extract_args, env={"FEATPIPE_TEST_CRASH": "after-chunk"}, check=False).returncode == -9
+    run_cli(*extract_args)
+    api.extract(work / "shards", work / "fresh", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+    same_files(work / "out", work / "fresh", ["fts.npy", "fts.pth", "img_list.json", "removed.json"])
     args = ("match", work / "out", work / "m", "-k", "4", "--no-progress", "--update", "--memory-budget", "2MB")
     assert run_cli(*args, env={"FEATPIPE_TEST_CRASH": "update-block"}, check=False).returncode == -9
     run_cli(*args)
