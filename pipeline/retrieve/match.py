@@ -134,8 +134,8 @@ def run_match(cfg: MatchConfig) -> MatchResult:
         t = time.perf_counter()
         valid = valid_rows(fs, tiling.db_rows)
         timings["scan_s"] = time.perf_counter() - t
-        updater = _updater(out, fs, old, plan, valid, tiling, cfg, ctx) if old is not None else None
-        if isinstance(updater, update.Updater):
+        updater, updated = _updater(out, fs, old, plan, valid, tiling, cfg, ctx) if old else (None, None)
+        if updater is not None:
             self_match = "exclude" if cfg.exclude_self else "first"
             block, extra = (lambda start, stop: updater.block(start, stop, self_match)), {}
         else:
@@ -143,22 +143,22 @@ def run_match(cfg: MatchConfig) -> MatchResult:
             block = _search_block(search, fs, valid, cfg)
         t = time.perf_counter()
         blocks = list(range(0, fs.n, tiling.query_rows))
-        crash = "update-block" if isinstance(updater, update.Updater) else "after-block"
+        crash = "after-block" if updater is None else "update-block"
         _search_blocks(blocks[ctx.rank :: ctx.world], block, fs, tiling, cfg, out, ctx, tag, crash)
         timings["search_s"] = time.perf_counter() - t
         dist.barrier(ctx)
         report = None
         if ctx.is_main:
             t = time.perf_counter()
-            if isinstance(updater, update.Updater):  # the new blocks are all there: commit, then drop the old
+            if updater is not None:  # the new blocks are all there: commit, then drop the old
                 commit_json(out.fs, out.join(PLAN_FILE), plan)
                 _drop_blocks(out, keep=tag)
             _assemble(out, fs, blocks, cfg, tag)
             timings["assemble_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t0
             report = _report(cfg, fs, valid, method, device, tiling, extra, timings)
-            if updater is not None:
-                report["update"] = updater.counts if isinstance(updater, update.Updater) else updater
+            if updated is not None:
+                report["update"] = updated
             commit_json(out.fs, out.join(REPORT_FILE), report)
     finally:
         dist.shutdown(ctx)
@@ -248,11 +248,11 @@ def _updater(
     tiling: Tiling,
     cfg: MatchConfig,
     ctx: dist.DistContext,
-) -> update.Updater | dict:
-    """How to update OUT's earlier match: an Updater whose blocks (tagged with the new plan) are
-    committed by the new plan once all are written, the old blocks dropped after, so a kill at any
-    point leaves the old match, to update again from the blocks done, or the new one. An IVF match
-    is matched whole again (the dict says why)."""
+) -> tuple[update.Updater | None, dict]:
+    """How to update OUT's earlier match, and what the report says of it: an Updater whose blocks
+    (tagged with the new plan) are committed by the new plan once all are written, the old blocks
+    dropped after, so a kill at any point leaves the old match, to update again from the blocks
+    done, or the new one. An IVF match is matched whole again (no Updater)."""
     why = update.check_growth(fs, old, plan)
     if why and old["method"] == "exact":
         raise update.refuse(why, out.url())
@@ -262,14 +262,14 @@ def _updater(
             _drop_blocks(out, keep=None)
             commit_json(out.fs, out.join(PLAN_FILE), plan)
         dist.barrier(ctx)
-        return {"whole": why}
+        return None, {"whole": why}
     updater = update.Updater(fs, old, load_neighbors(out)[0], valid, tiling, cfg.k)
     log.info(
         "--update: %d new rows to search, %d earlier rows to search again (a neighbour was removed), "
         "%d to merge with the new rows",
         *(updater.counts[key] for key in ("added_rows", "researched_rows", "merged_rows")),
     )
-    return updater
+    return updater, updater.counts
 
 
 def _drop_blocks(out: Location, keep: str | None) -> None:
