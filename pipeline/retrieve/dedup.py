@@ -202,7 +202,7 @@ class Grown:
         fits = (
             meta["threshold"] == threshold
             and meta["n"] <= fs.n
-            and set(removed.tolist()) <= set(fs.removed.tolist())
+            and np.isin(removed, fs.removed).all()  # removal is for good: a row back would be missing
             and fs.prefix_fingerprint(meta["n"]) == meta["features"]
         )
         if not fits:
@@ -333,9 +333,9 @@ def _write(out, fs: FeatureSet, groups: list[Group], histogram: list, cfg: Dedup
 
 def _write_duplicates(out, groups: list[Group], name) -> None:
     """duplicates.json as imagededup writes it, {image: [its duplicates]}, sorted, one image a line.
-    Its size is the sum of the groups' squared sizes (20,000 images in 8 groups: 50M names, ~1 GB),
+    Its size is the sum of the groups' squared sizes (20,000 images in 8 groups: 50M names, 420 MB),
     so it is streamed to a staged file from names encoded once: building the dict and json.dumps
-    with indent (Python's own encoder) took 75 s for those 50M names, this takes a few."""
+    with indent (Python's own encoder) took 75 s for those 50M names, this 2.3 s."""
     encoded = [[_json_text(name(m)) for m in g.members] for g in groups]
     where = {name(m): (gi, p) for gi, g in enumerate(groups) for p, m in enumerate(g.members)}
     staged = staging_file(out.fs, out.join(DUPLICATES_FILE))
