@@ -6,10 +6,10 @@ extracted, indexed, matched and deduplicated set, updated step by step (`pack --
     python tools/bench_grow.py [--images 20000] [--add 0.01] [--remove 5] [--workers 2]
 
 Rows (wall time of whole `featpipe` processes, the offline vit_tiny_p14 so the model costs what a
-real run's does, Flat index, k 10, dedup at --threshold, default 0.9999: the random-weight model puts
-every noisy variant of the few base photos within 0.97–1.0 of its neighbours, so at 0.95 every image
-is a "duplicate" and dedup's exact growth of full lists (4,096 rows, each scanned against all) is
-most of both runs; at 0.9999 the byte copies (every 50th image) are the duplicates, a real rate):
+real run's does, Flat index, k 10, dedup at --threshold, default 0.9999, where the byte copies
+(every 50th image) are the duplicates, a real rate; the random-weight model puts every noisy variant
+of the few base photos within 0.97–1.0 of its neighbours, so --threshold 0.95 is the worst case: 8
+groups of ~2,500, 4,096 full lists grown, a 420 MB duplicates.json):
   each step of the update, and its total, as a share of the full pipeline on the union;
   how much of the update is process start-up (one `import` of each step's modules, timed alone);
   whether the update's match and dedup outputs equal a full match and dedup of the same features.
