@@ -114,14 +114,17 @@ def test_each_killed_update_step_reruns_to_the_same_result(tmp_path):
     api.match(work / "out", work / "m", k=4, progress=False)
     api.index(work / "out", work / "i", index_key="Flat", progress=False)
     api.dedup(work / "out", work / "d", 0.9998, k=2, progress=False)
-    (src / "b.jpg").write_bytes(jpeg(30))
+    for i, name in enumerate(["b.jpg", "c1.jpg", "c2.jpg", "c3.jpg", "c4.jpg"]):  # two new shards
+        (src / name).write_bytes(jpeg(30 + i))
     (src / "m02.jpg").unlink()
-    # pack --relist killed once its new shard is committed: the rerun gives what an unbroken one gives
+    # pack --relist killed once its first new shard is committed, rerun with 2 workers: what one
+    # unbroken relist gives (2 workers packing both new shards at once)
     shutil.copytree(work / "shards", work / "shards2")
     pack_args = ("pack", src, work / "shards", "--shard-size", "4", "--relist", "--no-progress")
     assert run_cli(*pack_args, env={"FEATPIPE_TEST_CRASH": "after-shard"}, check=False).returncode == -9
-    run_cli(*pack_args)
-    api.pack(src, work / "shards2", shard_size=4, relist=True, progress=False)
+    run_cli(*pack_args, "--workers", "2")
+    api.pack(src, work / "shards2", shard_size=4, relist=True, progress=False, workers=2)
+    assert len(list((work / "shards").glob("shard-*.tar"))) == 6
     assert sorted(p.name for p in (work / "shards").iterdir()) == sorted(p.name for p in (work / "shards2").iterdir())
     same_files(
         work / "shards", work / "shards2", [p.name for p in (work / "shards2").glob("*.*") if p.suffix != ".json"]
