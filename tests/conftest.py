@@ -24,6 +24,20 @@ BROKEN = make_sample_images.broken_images()
 PHOTOS = [VALID[f"photos/IMG_000{i}.jpg"] for i in range(1, 8)]
 
 
+def noisy_photo(i: int) -> bytes:
+    """A distinct small JPEG per i (noise over five of PHOTOS), so neighbours are not all ties."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    base = np.asarray(Image.open(io.BytesIO(PHOTOS[i % 5])).convert("RGB").resize((96, 72)), int)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
 def folder_with_a_non_utf8_name(folder: Path) -> Path:
     """`caf\xe9.jpg` (Latin-1 bytes, not UTF-8) and `plain.jpg`, two real photos."""
     folder.mkdir()

@@ -4,29 +4,19 @@ and nothing removed comes back from query or show."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
-from conftest import PHOTOS, ROOT, run_cli
-from PIL import Image
+from conftest import ROOT, run_cli
+from conftest import noisy_photo as jpeg
 
 from pipeline import api
 from pipeline.errors import UserError
 
 HUB = str(ROOT / "pipeline" / "hub")
 pytest.importorskip("faiss")
-
-
-def jpeg(i: int) -> bytes:
-    """A distinct small photo per i (noise over five base photos), so neighbours are not all ties."""
-    rng = np.random.default_rng(i)
-    base = np.asarray(Image.open(io.BytesIO(PHOTOS[i % 5])).convert("RGB").resize((96, 72)), int)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def run_all(src, work, name: str, update: bool) -> None:

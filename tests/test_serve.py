@@ -229,3 +229,50 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_a_running_service_loads_an_index_update(tmp_path):
+    """Datasets that grow (issue 21) under a running service: features that grew before the index
+    is updated leave the loaded index serving; `index --update` is picked up without a restart,
+    with the new rows found and the removed one never returned."""
+    from conftest import noisy_photo
+
+    from pipeline import api
+
+    hub, src, work = str(ROOT / "pipeline" / "hub"), tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    for i in range(6):
+        (src / f"m{i}.jpg").write_bytes(noisy_photo(i))
+
+    def grow() -> None:
+        api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
+        api.extract(work / "shards", work / "out", model="tiny_cnn", repo=hub, workers=0, progress=False)
+
+    grow()
+    api.index(work / "out", work / "index", index_key="Flat", progress=False)
+    s = Server(work / "index", "--reload-every", "1")
+    try:
+        assert s.request("/api/info")[1]["n"] == 6
+        (src / "n1.jpg").write_bytes(noisy_photo(11))
+        (src / "n2.jpg").write_bytes(noisy_photo(12))
+        (src / "m1.jpg").unlink()
+        grow()  # the features hold 8 rows, row 1 removed; the index still 6: it cannot load yet
+        time.sleep(2.5)
+        status, info = s.request("/api/info")
+        assert status == 200 and (info["n"], info["reloads"]) == (6, 0)
+        api.index(work / "out", work / "index", index_key="Flat", progress=False, update=True)
+        for _ in range(100):
+            if s.request("/api/info")[1]["reloads"]:
+                break
+            time.sleep(0.1)
+        status, info = s.request("/api/info")
+        assert (info["n"], info["reloads"], info["generation"]) == (8, 1, 1)
+        vectors = np.load(work / "out" / "fts.npy").astype(np.float32)
+        np.save(tmp_path / "q.npy", vectors[[1, 6]])
+        expected = [(h.row, round(h.score, 5)) for h in api.query(work / "index", tmp_path / "q.npy", k=7)]
+        got = [s.post_json({"vector": vectors[r].tolist(), "k": 7})[1] for r in (1, 6)]
+        assert [hit for body in got for hit in api_hits(body)] == expected
+        assert {row for row, _ in expected} == {0, 2, 3, 4, 5, 6, 7}  # the new rows found, row 1 never
+    finally:
+        s.stop()
+    assert "still serving the loaded one" in s.proc.stderr.read()

@@ -163,6 +163,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="search by image URL (http/https to public addresses only, no redirects, 10 s timeout)",
     )
     v.add_argument("--cors", metavar="ORIGIN", default=None, help="allow this origin's pages to call the API")
+    v.add_argument(
+        "--reload-every",
+        type=non_negative,
+        default=30,
+        metavar="SECONDS",
+        help="check the index's files this often and load an update (index --update) without a restart; 0: never "
+        "(default 30)",
+    )
     v.set_defaults(run=_cmd_serve)
 
 
@@ -233,6 +241,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         batch_wait_s=args.batch_wait_ms / 1000,
         queue=args.queue,
         allow_urls=args.allow_urls,
+        reload_s=args.reload_every,
     )
     serve(args.target, args.host, args.port, pick_device(args.device, 0), limits, args.cors)
     return EXIT_OK

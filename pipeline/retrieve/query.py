@@ -5,6 +5,7 @@ or path already in the set, or a `.npy` of vectors (one query per row). Scores a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -14,7 +15,7 @@ import numpy as np
 
 from pipeline.errors import UserError, reason
 from pipeline.fetch import fetch_url, is_url
-from pipeline.outdir import load_run
+from pipeline.outdir import REMOVED_FILE, OutputNames, load_run
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
 from pipeline.retrieve.features import features_exist, open_features, require_vectors
@@ -64,6 +65,25 @@ class Target:
         else:
             self.features = open_features(spec)
             require_vectors(self.features)
+
+    def stamp(self) -> str:
+        """What the files this target was loaded from say of themselves now (fsspec's ukey: size and
+        time, or a store's ETag), digested: it changes when `index --update` commits index.json and
+        when an extract rewrites the features or their removed rows (a service reloads on it)."""
+        features = self.meta["features"] if self.meta else self.spec
+        floc = locate(features)
+        files = [(self.loc.fs, self.loc.join(META_FILE))] if self.meta else []
+        if self.features is not None and self.features.folder:
+            files += [(floc.fs, floc.join(OutputNames().numpy_features)), (floc.fs, floc.join(REMOVED_FILE))]
+        elif self.features is not None:
+            files.append((floc.fs, floc.path))
+        digest = hashlib.sha256()
+        for fs, path in files:
+            try:
+                digest.update(fs.ukey(path).encode())
+            except FileNotFoundError:
+                digest.update(b"absent")
+        return digest.hexdigest()
 
     @property
     def dim(self) -> int:

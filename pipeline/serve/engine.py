@@ -42,6 +42,7 @@ class Limits:
     url_timeout_s: float = 10.0
     thumb: int = 160
     thumb_cache: int = 4096
+    reload_s: float = 30.0  # how often the index's files are checked for an update (0: never)
 
 
 class ServiceError(Exception):
@@ -60,8 +61,10 @@ class Engine:
     def __init__(self, spec: str, device: str = "cpu", limits: Limits = Limits()):
         self.limits = limits
         self.metrics = Metrics()
+        self.spec = spec
         self.target = Target(spec)
         self.target.warm()
+        self._stamp, self._refused, self.reloads = self.target.stamp(), "", 0
         self.embedder = Embedder(self.target.embedder, spec, device) if self.target.embedder else None
         self._model = ThreadPoolExecutor(1, thread_name_prefix="featpipe-model")  # one model call at a time
         self._decode = ThreadPoolExecutor(4, thread_name_prefix="featpipe-decode")
@@ -85,8 +88,49 @@ class Engine:
             "transform": embedder.get("transform"),
             "image_queries": self.embedder is not None,
             "text_queries": bool(self.embedder and self.embedder.text),
+            "generation": meta.get("generation"),
+            "reloads": self.reloads,
             "limits": asdict(self.limits),
         }
+
+    # -- a dataset that grows: the index updated under a running service -------------------------
+
+    def refresh(self) -> bool:
+        """Load the target again when its files changed (`index --update`, features extracted again)
+        and swap it in whole: each request reads `self.target` once, so it runs on one or the other.
+        While the new files cannot be loaded (features grown, the index not updated yet) the loaded
+        target keeps serving, and the next check tries again."""
+        stamp = self.target.stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            fresh = Target(self.spec)
+            fresh.warm()
+        except UserError as exc:
+            if str(exc) != self._refused:  # said once, not every few seconds
+                log.warning("%s changed; still serving the loaded one: %s", self.spec, exc)
+            self._refused = str(exc)
+            return False
+        if fresh.embedder != self.target.embedder:
+            log.warning("%s now records another model; restart the service to load it", self.spec)
+            self._stamp = stamp
+            return False
+        with self._thumb_lock:
+            self._thumbs.clear()
+        self.target, self._stamp, self._refused = fresh, stamp, ""
+        self.reloads += 1
+        generation = (fresh.meta or {}).get("generation")
+        log.info("%s reloaded: %d rows, generation %s", self.spec, len(fresh.ids[0]), generation)
+        return True
+
+    def watch(self) -> None:
+        """Check for an update every `reload_s` seconds, for the life of the process (a thread)."""
+        while self.limits.reload_s > 0:
+            time.sleep(self.limits.reload_s)
+            try:
+                self.refresh()
+            except Exception as exc:  # a half-written file from a store, say: the next check retries
+                log.warning("checking %s for an update failed: %s", self.spec, exc)
 
     def check_k(self, k: int | None, offset: int | None) -> tuple[int, int]:
         k = self.limits.default_k if k is None else k
@@ -102,31 +146,32 @@ class Engine:
     def by_vectors(self, label: str, x: np.ndarray, k: int, offset: int) -> list[Hit]:
         """One search, now, in the calling thread (text queries: their embedding is the cost)."""
         try:
-            return search_hits(self.target, [label], x, k, offset)
+            return search_hits(self.target, [label], x, k, offset)  # one read of self.target
         except UserError as exc:
             raise _bad("bad_vector", str(exc)) from None
 
     async def by_row(self, row: int, k: int, offset: int) -> list[Hit]:
-        n = len(self.target.ids[0])
+        target = self.target
+        n = len(target.ids[0])
         if not isinstance(row, int) or not 0 <= row < n:
             raise ServiceError(404, "unknown_row", f"no row {row} in the index (it has rows 0 to {n - 1})")
-        return await self._batched(
-            None, self._usable(self.target.vector_of(row), f"row {row}"), k, offset, f"row {row}"
-        )
+        return await self._batched(None, self._usable(target.vector_of(row), f"row {row}"), k, offset, f"row {row}")
 
     async def by_key(self, key: str, k: int, offset: int) -> list[Hit]:
-        row = self.target.row_of.get(key)
+        target = self.target
+        row = target.row_of.get(key)
         if row is None:
             raise ServiceError(404, "unknown_key", "no such key or path in the index")
-        return await self._batched(None, self._usable(self.target.vector_of(row), key), k, offset, key)
+        return await self._batched(None, self._usable(target.vector_of(row), key), k, offset, key)
 
     async def by_vector(self, values: object, k: int, offset: int) -> list[Hit]:
         try:
             x = np.asarray(values, dtype=np.float32).reshape(1, -1)
         except (TypeError, ValueError):
             raise _bad("bad_vector", "vector must be a list of numbers") from None
-        if x.shape[1] != self.target.dim:
-            raise _bad("bad_vector", f"the index holds {self.target.dim}-dim vectors; this one has {x.shape[1]}")
+        dim = self.target.dim
+        if x.shape[1] != dim:
+            raise _bad("bad_vector", f"the index holds {dim}-dim vectors; this one has {x.shape[1]}")
         return await self._batched(None, self._usable(x, "the vector"), k, offset, "vector")
 
     @staticmethod
@@ -212,7 +257,8 @@ class Engine:
                     (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
 
     def _embed_and_search(self, batch: list[tuple]) -> list[list[Hit]]:
-        x = np.zeros((len(batch), self.target.dim), np.float32)
+        target = self.target
+        x = np.zeros((len(batch), target.dim), np.float32)
         crops = [i for i, b in enumerate(batch) if b[0] is not None]
         if crops:
             import torch
@@ -224,7 +270,7 @@ class Engine:
         deepest = max(b[2] + b[3] for b in batch)
         slots = [str(i) for i in range(len(batch))]
         by_slot: dict[str, list[Hit]] = {slot: [] for slot in slots}
-        for h in search_hits(self.target, slots, x, deepest):
+        for h in search_hits(target, slots, x, deepest):
             by_slot[h.query].append(h)
         return [
             [Hit(label, h.rank, h.score, h.row, h.key, h.path) for h in by_slot[slot][offset : offset + k]]
@@ -234,23 +280,23 @@ class Engine:
     # -- thumbnails of rows the index knows -------------------------------------------------------
 
     def thumbnail(self, row: int) -> tuple[bytes, str]:
-        n = len(self.target.ids[0])
-        if not 0 <= row < n:
+        target = self.target
+        if not 0 <= row < len(target.ids[0]):
             raise ServiceError(404, "unknown_row", f"no row {row} in the index")
         with self._thumb_lock:
             data = self._thumbs.get(row)
         if data is None:
-            data = self._make_thumbnail(row)
+            data = self._make_thumbnail(target, row)
             with self._thumb_lock:
                 self._thumbs[row] = data
                 while len(self._thumbs) > self.limits.thumb_cache:
                     self._thumbs.popitem(last=False)
         return data, hashlib.sha1(data).hexdigest()[:16]
 
-    def _make_thumbnail(self, row: int) -> bytes:
+    def _make_thumbnail(self, target: Target, row: int) -> bytes:
         from pipeline.retrieve.show import Thumbnails
 
-        jpeg = Thumbnails(self.target.features, self.limits.thumb).jpegs({row}).get(row)
+        jpeg = Thumbnails(target.features, self.limits.thumb).jpegs({row}).get(row)
         if not jpeg:
             raise ServiceError(404, "no_picture", f"row {row} has no readable picture (its shard or file is gone)")
         return jpeg

@@ -43,6 +43,8 @@ def create_app(spec: str, device: str = "cpu", limits: Limits = Limits(), cors: 
         except Exception as exc:  # shown by /healthz and every API call, not lost in a thread
             state["error"] = f"{first_line(exc)}"
             log.error("cannot load %s: %s", spec, first_line(exc))
+            return
+        state["engine"].watch()  # this thread then checks for index updates (--reload-every)
 
     async def lifespan(app):
         threading.Thread(target=load, daemon=True, name="featpipe-load").start()
