@@ -222,9 +222,8 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         second = figures[-1].get_attribute("data-row")  # not the query's byte copy, which ties with it
         figures[-1].click()
         WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith(f"#row={second}"))
-        WebDriverWait(driver, 30).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, "#grid figure")[0].get_attribute("data-row") == second
-        )
+        first_row = "return document.querySelector('#grid figure')?.dataset.row"  # read in one step: the
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(first_row) == second)  # grid is re-rendered
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:
