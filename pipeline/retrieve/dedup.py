@@ -93,7 +93,8 @@ def run_dedup(cfg: DedupConfig) -> DedupResult | None:
     graph = Neighbours(matches, scores, np.float32(cfg.threshold))
     earlier = Grown.load(out, fs, cfg.threshold) if cfg.match.get("update") else None
     capped = graph.grow(fs, cfg.match.get("memory_budget", MatchConfig.memory_budget), earlier)
-    Grown(fs.n, fs.fingerprint, cfg.threshold, fs.removed, graph.grown).save(out)
+    fingerprint = matched.report["features_fingerprint"]  # match hashed these features already
+    Grown(fs.n, fingerprint, cfg.threshold, fs.removed, graph.grown).save(out)
     crash_point("dedup-grown")  # test-only: a rerun of --update starts from the lists just saved
     order = _by_size(fs)
     groups = (star if cfg.linkage == "star" else connected)(fs, graph, order)
