@@ -180,6 +180,12 @@ class FeatureSet:
         return columns
 
 
+def removed_count(record: dict) -> int:
+    """How many rows were removed from the source when a result (match-plan.json, match.json,
+    index.json) was written: its `removed` digest, or the `removed_rows` list of featpipe before."""
+    return record["removed"]["count"] if "removed" in record else len(record.get("removed_rows", []))
+
+
 def open_features(spec: str | os.PathLike) -> FeatureSet:
     """FEATURES as the user gave it; one clear line when it is not usable."""
     spec = os.fspath(spec)

@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.outdir import load_run
 from pipeline.retrieve import ann, load_faiss
-from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
+from pipeline.retrieve.features import FeatureSet, open_features, removed_count, require_vectors
 from pipeline.retrieve.knn import normalize, plan_tiles, valid_rows
 from pipeline.storage import commit_file, commit_json, ensure_writable, local_copy, locate, read_json, staging_file
 
@@ -139,11 +139,6 @@ def _remove(index, removed: np.ndarray) -> bool:
         log.info("this index cannot drop rows: removed rows are filtered out at query time")
         return False
     return True
-
-
-def removed_count(meta: dict) -> int:
-    """How many rows were removed from the source when the index was last written (index.json)."""
-    return meta["removed"]["count"] if "removed" in meta else len(meta.get("removed_rows", []))
 
 
 def _save(

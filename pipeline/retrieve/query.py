@@ -18,8 +18,8 @@ from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import REMOVED_FILE, OutputNames, load_run
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
-from pipeline.retrieve.features import features_exist, open_features, require_vectors
-from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE, removed_count
+from pipeline.retrieve.features import features_exist, open_features, removed_count, require_vectors
+from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
     Candidates,

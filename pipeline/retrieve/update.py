@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.retrieve.features import FeatureSet
+from pipeline.retrieve.features import FeatureSet, removed_count
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
     NO_MATCH,
@@ -64,7 +64,7 @@ class Updater:
             "added_rows": int((valid & ~earlier).sum()),
             "researched_rows": int((valid & touched).sum()),
             "merged_rows": int(self.merge.sum()),
-            "removed_since": len(fs.removed) - old["removed"]["count"],
+            "removed_since": len(fs.removed) - removed_count(old),
         }
 
     def block(self, start: int, stop: int, self_match: str) -> tuple[np.ndarray, np.ndarray]:
