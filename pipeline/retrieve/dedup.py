@@ -35,7 +35,7 @@ from pipeline.names import is_escaped, name_bytes
 from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
 from pipeline.retrieve.knn import NO_MATCH, ExactSearch, cosines, normalize64, plan_tiles, valid_rows
 from pipeline.retrieve.match import MatchConfig, load_neighbors, run_match
-from pipeline.storage import commit_bytes, commit_file, commit_json, locate, staging_file
+from pipeline.storage import commit_bytes, commit_file, commit_json, locate, staging_file, utf8_json
 
 log = logging.getLogger("featpipe")
 
@@ -126,16 +126,17 @@ class Neighbours:
         kept = earlier.lists if earlier else {}
         again = np.array([r for r in todo if int(r) in kept], np.int64)
         fresh = np.setdiff1d(todo, again)
-        self._scan(fs, fresh, ExactSearch(fs, valid, tiling), {})
+        self._scan(fs, fresh, ExactSearch(fs, valid, tiling), kept, valid)
         if len(again):
             added = valid & (np.arange(fs.n) >= earlier.n)
-            self._scan(fs, again, ExactSearch(fs, added, tiling), {int(r): kept[int(r)] for r in again}, valid)
+            self._scan(fs, again, ExactSearch(fs, added, tiling), kept, valid)
         widest = max((len(v[0]) for v in self.grown.values()), default=0)
         counts = {"grown": len(todo), "widest": widest, "left_capped": len(left), "left_rows": left[:1000].tolist()}
         return {**counts, "kept_from_earlier": len(again)}
 
-    def _scan(self, fs: FeatureSet, rows: np.ndarray, exact: ExactSearch, kept: dict, valid=None) -> None:
-        """Grow `rows` by the rows `exact` searches, merged with the lists `kept` (less invalid rows)."""
+    def _scan(self, fs: FeatureSet, rows: np.ndarray, exact: ExactSearch, kept: dict, valid: np.ndarray) -> None:
+        """Grow `rows` by the rows `exact` searches, merged with their lists in `kept`, if any (less
+        rows no longer valid)."""
         if not len(rows):
             return
         q = normalize64(fs.take(rows))
@@ -337,7 +338,7 @@ def _write_duplicates(out, groups: list[Group], name) -> None:
     Its size is the sum of the groups' squared sizes (20,000 images in 8 groups: 50M names, 420 MB),
     so it is streamed to a staged file from names encoded once: building the dict and json.dumps
     with indent (Python's own encoder) took 75 s for those 50M names, this 2.3 s."""
-    encoded = [[_json_text(name(m)) for m in g.members] for g in groups]
+    encoded = [[_json(name(m)) for m in g.members] for g in groups]  # each name once
     where = {name(m): (gi, p) for gi, g in enumerate(groups) for p, m in enumerate(g.members)}
     staged = staging_file(out.fs, out.join(DUPLICATES_FILE))
     with open(staged, "w", encoding="utf-8", buffering=1 << 20) as f:
@@ -345,19 +346,14 @@ def _write_duplicates(out, groups: list[Group], name) -> None:
         for n, key in enumerate(sorted(where)):
             gi, p = where[key]
             others = encoded[gi][:p] + encoded[gi][p + 1 :]
-            f.write(f"{',' if n else ''}\n {_json_text(key)}: [{', '.join(others)}]")
+            f.write(f"{',' if n else ''}\n {_json(key)}: [{', '.join(others)}]")
         f.write("\n}\n" if where else "}\n")
     commit_file(out.fs, staged, out.join(DUPLICATES_FILE))
 
 
-def _json_text(text: str) -> str:
-    """A JSON string, as UTF-8 where it can be (a name that is not valid UTF-8 gets \\u escapes)."""
-    as_json = json.dumps(text, ensure_ascii=False)
-    try:
-        as_json.encode()
-    except UnicodeEncodeError:
-        return json.dumps(text)
-    return as_json
+def _json(text: str) -> str:
+    """A JSON string as utf8_json writes one (\\u escapes only for a name that is not valid UTF-8)."""
+    return utf8_json(text).decode()
 
 
 def removal_lists(paths: list[str]) -> tuple[bytes, list[str]]:
