@@ -7,7 +7,10 @@ square), resize size, crop size (equal to the resize size for no crop), interpol
 bilinear, antialiased like Pillow), mean and std. The default is torch.hub DINOv2's: shortest side
 256 bicubic, crop 224, ImageNet statistics.
 
-All modes give the same geometry (torchvision's Resize(size, interpolation) then CenterCrop):
+All modes give the same geometry (torchvision's Resize(size, interpolation) then CenterCrop). An
+image whose full resize would hold more than 4× a square of the resize size (a banner, a panorama)
+has only its crop resized (image/resample.py: the same bytes as Pillow's), so no image costs more
+memory than its decode plus the crop, in every mode:
   exact   the original script's Pillow + torchvision pipeline, pixel for pixel;
   fast    JPEGs decoded by libjpeg-turbo (simplejpeg) at a reduced scale when the source is at least
           twice the target, then torch's vectorised uint8 bicubic resize (antialiased like Pillow's);
@@ -29,6 +32,7 @@ from torchvision.transforms import InterpolationMode
 from pipeline.errors import UserError
 from pipeline.image.decode import ORIENTATION_TRANSPOSE, load_first_frame, open_image, to_rgb, upright
 from pipeline.image.header import EXTRACT_MAX_PIXELS, MAX_TRANSFORM_SIZE, open_lazy, sniff
+from pipeline.image.resample import needs_window, resize_window
 
 try:
     import simplejpeg
@@ -111,6 +115,12 @@ def crop_with_size(data: bytes, cfg: TransformConfig) -> tuple[torch.Tensor, tup
     if cfg.mode == "exact":
         im = to_rgb(upright(open_image(data, cfg.max_pixels)), exact=True)
         size = im.size
+        new_w, new_h, left, top = resized_geometry(*size, cfg)
+        if needs_window((new_w, new_h), cfg.resize_size):  # a banner: only the crop is resized
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+            return resize_window(
+                pixels, (new_w, new_h), (left, top, cfg.crop_size, cfg.crop_size), cfg.interpolation
+            ), size
         target = [cfg.resize_size] if cfg.keep_ratio else [cfg.resize_size, cfg.resize_size]
         im = TF.resize(im, target, interpolation=INTERPOLATIONS[cfg.interpolation])
         im = TF.center_crop(im, [cfg.crop_size, cfg.crop_size])
@@ -165,6 +175,8 @@ def resize_crop_tensor(
     vectorised uint8 kernel), geometry from `full_size` when `im` is a reduced decode of it."""
     w, h = full_size or (im.shape[-1], im.shape[-2])
     new_w, new_h, left, top = resized_geometry(w, h, cfg)
+    if needs_window((new_w, new_h), cfg.resize_size):  # a banner: only the crop is resized (resample.py)
+        return resize_window(im, (new_w, new_h), (left, top, cfg.crop_size, cfg.crop_size), cfg.interpolation)
     if (im.shape[-1], im.shape[-2]) != (new_w, new_h):
         im = F2.resize(im, [new_h, new_w], interpolation=INTERPOLATIONS[cfg.interpolation], antialias=True)
     return im[:, top : top + cfg.crop_size, left : left + cfg.crop_size]
