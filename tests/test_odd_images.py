@@ -61,7 +61,8 @@ def _peak_rss_mb(*args: str) -> tuple[float, subprocess.CompletedProcess]:
     """`featpipe ARGS` in a child, and the peak RSS of its largest process (ru_maxrss of the children)."""
     code = (
         "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(p.stderr); sys.exit(p.returncode)"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(p.stderr);"
+        "sys.exit(p.returncode)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, sys.executable, "-m", "pipeline", *args], capture_output=True, text=True
