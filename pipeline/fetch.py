@@ -1,4 +1,4 @@
-"""Image URLs given as queries: fetched over http(s) with a timeout on connecting and on each read,
+"""Image URLs given as queries: fetched over http(s) with one deadline for connecting and every read,
 a cap on bytes, and a failure said as what happened (HTTP 404 from …, timed out after N s,
 connection refused), never a hang or a guess. For a service (`public_only`), the URL must name a
 public address: http(s) only, no loopback, private, link-local or reserved address, no redirect
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -47,15 +48,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def fetch_url(url: str, timeout_s: float, max_bytes: int = MAX_BYTES, public_only: bool = False) -> bytes:
-    """The body of a GET; UserError with the cause in one line. The timeout bounds the connection
-    and every read (a server that sends nothing is given up on after `timeout_s`)."""
+    """The body of a GET; UserError with the cause in one line. `timeout_s` is one deadline for the
+    whole fetch (connecting and every read): a server that drips a byte every second is given up on
+    at the deadline, not kept going by each read's own timeout."""
+    deadline = time.monotonic() + timeout_s
     if public_only:
         check_public(url)
     request = urllib.request.Request(url, headers={"User-Agent": "featpipe"})
     opener = urllib.request.build_opener(_NoRedirect) if public_only else urllib.request.build_opener()
     try:
-        with opener.open(request, timeout=timeout_s) as response:
-            data = response.read(max_bytes + 1)
+        with opener.open(request, timeout=_left(deadline, timeout_s)) as response:
+            data = _read_until(response, deadline, timeout_s, max_bytes + 1)
     except urllib.error.HTTPError as exc:
         raise UserError(f"HTTP {exc.code} {exc.reason} from {url}") from None
     except urllib.error.URLError as exc:
@@ -67,6 +70,30 @@ def fetch_url(url: str, timeout_s: float, max_bytes: int = MAX_BYTES, public_onl
     if len(data) > max_bytes:
         raise UserError(f"{url} is larger than {max_bytes >> 20} MB; not fetched")
     return data
+
+
+def _left(deadline: float, timeout_s: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"timed out after {timeout_s:g} s")
+    return left
+
+
+def _read_until(response, deadline: float, timeout_s: float, limit: int) -> bytes:
+    """Read what arrives (read1: one receive at a time, never waiting for a full buffer), each
+    wait bounded by the time left to the deadline."""
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # the socket under http.client
+    parts, size = [], 0
+    while size < limit:
+        if sock is not None:
+            sock.settimeout(_left(deadline, timeout_s))
+        part = response.read1(min(1 << 16, limit - size))
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+        _left(deadline, timeout_s)
+    return b"".join(parts)
 
 
 def _cause(reason: object, timeout_s: float) -> str:

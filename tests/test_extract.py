@@ -466,4 +466,4 @@ def test_query_with_an_image_file_finds_its_own_row(extracted, sample_dir, tmp_p
     from_image = [h for h in by_key if h["query"] == str(image)]
     assert from_image[0]["row"] == hits[0]["row"] and from_image[0]["score"] >= 0.999
     bad = run_cli("query", out, sample_dir / "broken" / "text_named.jpg", check=False)
-    assert bad.returncode == 1 and "cannot decode query image" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "cannot decode the query image" in bad.stderr and "Traceback" not in bad.stderr

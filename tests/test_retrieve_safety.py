@@ -123,7 +123,7 @@ def test_url_queries_fail_in_time_and_say_why(hostile):
 def test_a_file_that_is_not_an_image_is_said_without_an_object_address(hostile, tmp_path):
     (tmp_path / "notes.jpg").write_bytes(b"just text")
     proc = run_cli("query", hostile["feats"], tmp_path / "notes.jpg", check=False)
-    last = one_line_error(proc, "query", "cannot decode query image")
+    last = one_line_error(proc, "query", "cannot decode the query image")
     assert "0x" not in last and "BytesIO" not in last
 
 

@@ -15,9 +15,15 @@ from pipeline.cli.retrieve import add_dedup, add_index, add_match, add_serve, ad
 from pipeline.cpu import prefer_sleeping_threads
 from pipeline.errors import EXIT_ABORTED, UserError, reason
 
+DESCRIPTION = (
+    "Images (folders, buckets, inventory lists) → WebDataset shards → feature vectors (fts.npy, fts.pth, "
+    "Parquet chunks) → neighbours, duplicate groups, indexes, queries and a query service. "
+    "`featpipe COMMAND --help` for each command."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featpipe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="featpipe", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"featpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_pack(sub)

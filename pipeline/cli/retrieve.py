@@ -133,7 +133,7 @@ def add_index(sub: argparse._SubParsersAction) -> None:
         type=positive,
         default=30,
         metavar="SECONDS",
-        help="give up on an image URL that does not connect or send data for this long (default 30)",
+        help="give up on an image URL not fetched whole within this many seconds (default 30)",
     )
     q.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     q.set_defaults(run=_cmd_query)
@@ -170,6 +170,21 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="check the index's files this often and load an update (index --update) without a restart; 0: never "
         "(default 30)",
+    )
+    v.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name requests may carry besides the address listened on (repeatable; on loopback, "
+        "localhost is allowed too): other Host headers get 400, so a DNS-rebinding page cannot reach it",
+    )
+    v.add_argument(
+        "--read-timeout",
+        type=positive,
+        default=15,
+        metavar="SECONDS",
+        help="a request's headers, or a pause in its body, longer than this closes it (default 15)",
     )
     v.set_defaults(run=_cmd_serve)
 
@@ -242,8 +257,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         queue=args.queue,
         allow_urls=args.allow_urls,
         reload_s=args.reload_every,
+        read_timeout_s=float(args.read_timeout),
     )
-    serve(args.target, args.host, args.port, pick_device(args.device, 0), limits, args.cors)
+    serve(args.target, args.host, args.port, pick_device(args.device, 0), limits, args.cors, args.allow_host)
     return EXIT_OK
 
 

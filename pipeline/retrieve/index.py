@@ -76,7 +76,7 @@ def build_index(cfg: IndexConfig) -> dict:
     except UserError as exc:
         raise UserError(f"--index-key {exc}") from None
     param, value, recall = ann.tune(index, fs, valid, tiling, 10)
-    log.info("index tuned: %s %s, recall@10 %.3f", param or "exact", value or "", recall)
+    log.info("index tuned: %s, recall@10 %.3f", f"{param} {value}" if param else "exact", recall)
     _save(out, index, fs, key, param, value, recall, {"trained_on": fs.n, "removed_held": 0})
     return read_json(out.fs, out.join(META_FILE))
 

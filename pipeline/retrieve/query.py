@@ -66,6 +66,14 @@ class Target:
             self.features = open_features(spec)
             require_vectors(self.features)
 
+    @staticmethod
+    def check(spec: str) -> None:
+        """One line (UserError) when SPEC is neither an index nor FEATURES: cheap, for a service
+        to refuse before it listens instead of answering 'loading' forever."""
+        loc = locate(spec)
+        if not loc.fs.isfile(loc.join(META_FILE)):
+            require_vectors(open_features(spec))
+
     def stamp(self) -> str:
         """What the files this target was loaded from say of themselves now (fsspec's ukey: size and
         time, or a store's ETag), digested: it changes when `index --update` commits index.json and
@@ -225,9 +233,17 @@ def run_query(
     return search_hits(target, labels, np.concatenate(vectors), k)
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled by their largest magnitude, then to unit length, in float64, then float32: only
+    the direction counts, and [3e38]*D or [1e-45]*D would overflow or vanish in a float32 norm."""
+    x = np.asarray(x, np.float64)
+    x = x / np.abs(x).max(axis=1, keepdims=True)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
 def search_hits(target: Target, labels: list[str], x: np.ndarray, k: int, offset: int = 0) -> list[Hit]:
     """Hits k at a time from rank `offset`, for query vectors `x` (one per label)."""
-    x = np.asarray(x, np.float32)
+    x = np.asarray(x, np.float64)
     if x.ndim != 2 or x.shape[1] != target.dim:
         width = x.shape[-1] if x.ndim else 0
         raise UserError(f"{target.spec} holds {target.dim}-dim vectors; the queries are {width}-dim")
@@ -235,6 +251,7 @@ def search_hits(target: Target, labels: list[str], x: np.ndarray, k: int, offset
     if unusable.any():
         bad = labels[int(np.argmax(unusable))]
         raise UserError(f"query {bad} is a NaN, infinite or all-zero vector: it has no direction to search")
+    x = unit_rows(x)
     keys, paths = target.ids
     ids, scores = target.search(x, k + offset)
     return [
@@ -324,7 +341,7 @@ class Embedder:
         try:
             return crop_uint8(data, self.transform)
         except Exception as exc:
-            raise UserError(f"cannot decode query image {source}: {reason(exc)}") from None
+            raise UserError(f"cannot decode the query image{f' {source}' if source else ''}: {reason(exc)}") from None
 
     def embed(self, crops: torch.Tensor) -> np.ndarray:
         """(B, 3, C, C) uint8 crops → (B, D) vectors, one model call."""

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.fetch import Forbidden, fetch_url
 from pipeline.image.header import BadImage
-from pipeline.retrieve.query import Embedder, Hit, Target, search_hits
+from pipeline.retrieve.query import Embedder, Hit, Target, search_hits, unit_rows
 from pipeline.serve.metrics import Metrics
 
 log = logging.getLogger("featpipe")
@@ -43,12 +43,15 @@ class Limits:
     thumb: int = 160
     thumb_cache: int = 4096
     reload_s: float = 30.0  # how often the index's files are checked for an update (0: never)
+    read_timeout_s: float = 15.0  # a request's headers, or a pause in its body, longer than this: closed
+    url_fetches: int = 8  # URL queries fetched at once (their own threads: uploads never wait on them)
 
 
 class ServiceError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None, close: bool = False):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.close = close  # answer with Connection: close
 
 
 def _bad(code: str, message: str, status: int = 422) -> ServiceError:
@@ -68,6 +71,11 @@ class Engine:
         self.embedder = Embedder(self.target.embedder, spec, device) if self.target.embedder else None
         self._model = ThreadPoolExecutor(1, thread_name_prefix="featpipe-model")  # one model call at a time
         self._decode = ThreadPoolExecutor(4, thread_name_prefix="featpipe-decode")
+        # URL fetches wait on other servers: their own threads, so slow ones never hold an upload's decode
+        self._fetch = ThreadPoolExecutor(limits.url_fetches, thread_name_prefix="featpipe-fetch")
+        self._fetching = 0
+        # Thumbnails read shards: their own few threads, off the event loop
+        self._thumb_pool = ThreadPoolExecutor(4, thread_name_prefix="featpipe-thumb")
         self._waiting: list[tuple] = []
         self._wake: asyncio.Event | None = None
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
@@ -153,7 +161,7 @@ class Engine:
     async def by_row(self, row: int, k: int, offset: int) -> list[Hit]:
         target = self.target
         n = len(target.ids[0])
-        if not isinstance(row, int) or not 0 <= row < n:
+        if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < n:
             raise ServiceError(404, "unknown_row", f"no row {row} in the index (it has rows 0 to {n - 1})")
         return await self._batched(None, self._usable(target.vector_of(row), f"row {row}"), k, offset, f"row {row}")
 
@@ -166,20 +174,24 @@ class Engine:
 
     async def by_vector(self, values: object, k: int, offset: int) -> list[Hit]:
         try:
-            x = np.asarray(values, dtype=np.float32).reshape(1, -1)
-        except (TypeError, ValueError):
-            raise _bad("bad_vector", "vector must be a list of numbers") from None
+            x = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise _bad("bad_vector", "vector must be a flat list of numbers") from None
+        if x.ndim != 1 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise _bad("bad_vector", "vector must be a flat list of numbers (one vector, not a list of them)")
         dim = self.target.dim
-        if x.shape[1] != dim:
-            raise _bad("bad_vector", f"the index holds {dim}-dim vectors; this one has {x.shape[1]}")
+        if x.shape[0] != dim:
+            raise _bad("bad_vector", f"the index holds {dim}-dim vectors; this one has {x.shape[0]}")
         return await self._batched(None, self._usable(x, "the vector"), k, offset, "vector")
 
     @staticmethod
     def _usable(x: np.ndarray, what: str) -> np.ndarray:
-        """A vector a batch can carry: one NaN or zero vector must not fail the others' search."""
+        """A unit vector a batch can carry (scaled in float64: [3e38]*D has a direction too); one
+        NaN or zero vector must not fail the others' search."""
+        x = np.asarray(x, np.float64).reshape(1, -1)
         if not np.isfinite(x).all() or not np.abs(x).sum() > 0:
             raise _bad("bad_vector", f"{what} is a NaN, infinite or all-zero vector: it has no direction to search")
-        return np.asarray(x, np.float32).reshape(-1)
+        return unit_rows(x).reshape(-1)
 
     def by_text(self, text: str, k: int, offset: int) -> list[Hit]:
         if not self.embedder or not self.embedder.text:
@@ -202,20 +214,26 @@ class Engine:
     async def by_url(self, url: str, k: int, offset: int) -> list[Hit]:
         if not self.limits.allow_urls:
             raise ServiceError(400, "urls_disabled", "searching by URL is off (start the service with --allow-urls)")
+        if self._fetching >= 2 * self.limits.url_fetches:
+            raise ServiceError(503, "busy", "too many URL fetches waiting; retry shortly", retry_after=1)
         loop = asyncio.get_running_loop()
+        limits = self.limits
+        self._fetching += 1
         try:
             data = await loop.run_in_executor(
-                self._decode, lambda: fetch_url(url, self.limits.url_timeout_s, self.limits.max_upload, True)
+                self._fetch, lambda: fetch_url(url, limits.url_timeout_s, limits.max_upload, True)
             )
         except Forbidden as exc:
             raise ServiceError(400, "url_forbidden", str(exc)) from None
         except UserError as exc:
             raise ServiceError(400, "url_failed", str(exc)) from None
+        finally:
+            self._fetching -= 1
         return await self.by_image(data, k, offset)
 
     def _crop(self, data: bytes):
         try:
-            return self.embedder.crop(data, "the upload")
+            return self.embedder.crop(data, "")
         except UserError as exc:
             if "over the limit of" in str(exc) or "DecompressionBomb" in str(exc):
                 raise ServiceError(413, "too_many_pixels", str(exc)) from None
@@ -279,19 +297,21 @@ class Engine:
 
     # -- thumbnails of rows the index knows -------------------------------------------------------
 
-    def thumbnail(self, row: int) -> tuple[bytes, str]:
+    async def thumbnail(self, row: int) -> tuple[bytes, str]:
+        """A row's thumbnail JPEG and its ETag (quoted, as HTTP wants); made in the thumbnail threads."""
         target = self.target
         if not 0 <= row < len(target.ids[0]):
             raise ServiceError(404, "unknown_row", f"no row {row} in the index")
         with self._thumb_lock:
             data = self._thumbs.get(row)
         if data is None:
-            data = self._make_thumbnail(target, row)
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(self._thumb_pool, self._make_thumbnail, target, row)
             with self._thumb_lock:
                 self._thumbs[row] = data
                 while len(self._thumbs) > self.limits.thumb_cache:
                     self._thumbs.popitem(last=False)
-        return data, hashlib.sha1(data).hexdigest()[:16]
+        return data, f'"{hashlib.sha1(data).hexdigest()[:16]}"'
 
     def _make_thumbnail(self, target: Target, row: int) -> bytes:
         from pipeline.retrieve.show import Thumbnails

@@ -13,15 +13,17 @@ upload cap counted while the body streams in, CORS only when asked, readiness on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -32,9 +34,15 @@ from pipeline.serve.page import PAGE
 log = logging.getLogger("featpipe")
 
 
-def create_app(spec: str, device: str = "cpu", limits: Limits = Limits(), cors: str | None = None) -> Starlette:
+def create_app(
+    spec: str,
+    device: str = "cpu",
+    limits: Limits = Limits(),
+    cors: str | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> Starlette:
     """The service as an ASGI app (mount it in your own): the engine loads in a thread at startup,
-    and the API answers 503 until it is ready."""
+    and the API answers 503 until it is ready. With `allowed_hosts`, other Host headers get 400."""
     state: dict = {"engine": None, "error": None}
 
     def load() -> None:
@@ -76,16 +84,16 @@ def create_app(spec: str, device: str = "cpu", limits: Limits = Limits(), cors: 
         e = engine()
         kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if kind == "application/json":
-            body = await _capped_body(request, 1 << 20)
+            body = await _capped_body(request, 1 << 20, e.limits.read_timeout_s)
             try:
                 query = json.loads(body)
-            except ValueError:
-                raise ServiceError(400, "bad_json", "the body is not valid JSON") from None
+            except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+                raise ServiceError(400, "bad_json", "the body is not valid JSON (or nested too deep)") from None
             if not isinstance(query, dict):
                 raise ServiceError(400, "bad_json", "the body must be a JSON object")
             return await _search(e, query, (query.get("k"), query.get("offset")))
         if kind == "multipart/form-data" or kind.startswith("image/") or kind == "application/octet-stream":
-            data = await _image_from(request, kind, e.limits.max_upload)
+            data = await _image_from(request, kind, e.limits.max_upload, e.limits.read_timeout_s)
             k, offset = e.check_k(*_ints(request_k(request.query_params)))
             started = time.perf_counter()
             hits = await e.by_image(data, k, offset)
@@ -94,12 +102,8 @@ def create_app(spec: str, device: str = "cpu", limits: Limits = Limits(), cors: 
         raise ServiceError(415, "unsupported_media_type", "send an image (multipart field 'image' or image/*) or JSON")
 
     async def thumb(request: Request) -> Response:
-        try:
-            row = int(request.path_params["row"])
-        except ValueError:
-            raise ServiceError(404, "unknown_row", "rows are numbers") from None
-        data, etag = engine().thumbnail(row)
-        if request.headers.get("if-none-match") == etag:
+        data, etag = await engine().thumbnail(_row(request.path_params["row"]))
+        if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")} | {"*"} - {""}:
             return Response(status_code=304, headers={"ETag": etag})
         return Response(data, media_type="image/jpeg", headers={"ETag": etag, "Cache-Control": "max-age=3600"})
 
@@ -118,6 +122,11 @@ def create_app(spec: str, device: str = "cpu", limits: Limits = Limits(), cors: 
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=[cors], allow_methods=["GET", "POST"])
+    if allowed_hosts and "*" not in allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        # Starlette reads the host up to the first colon: IPv6 literals cannot be listed, only names
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[h for h in allowed_hosts if ":" not in h])
     app.state.featpipe = state
     return app
 
@@ -133,17 +142,29 @@ def request_k(q) -> tuple:
     return q.get("k"), q.get("offset")
 
 
+_INT = re.compile(r"-?[0-9]{1,11}")  # ASCII digits only: int() also takes "²"-like digits and fails on them
+
+
 def _ints(pair: tuple) -> tuple:
     """k and offset as given in a query string (text) or JSON (numbers)."""
     out = []
     for v in pair:
         if v is None or (isinstance(v, int) and not isinstance(v, bool)):
             out.append(v)
-        elif isinstance(v, str) and v.strip().lstrip("-").isdigit() and len(v) < 12:
+        elif isinstance(v, str) and _INT.fullmatch(v.strip()):
             out.append(int(v))
         else:
             raise ServiceError(422, "bad_k", "k and offset must be integers")
     return tuple(out)
+
+
+def _row(value: object) -> int:
+    """A row given as a number (JSON) or as decimal digits (query string); true is not row 1."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        return int(value)
+    raise ServiceError(404, "unknown_row", "rows are numbers")
 
 
 async def _search(e: Engine, query: dict, k_offset: tuple) -> Response:
@@ -152,12 +173,7 @@ async def _search(e: Engine, query: dict, k_offset: tuple) -> Response:
     # Row, key and vector queries join the engine's batches (one index call for all waiting); a
     # text query's cost is its embedding, done in a worker thread so the event loop keeps going.
     if "row" in query:
-        row = query["row"]
-        try:
-            row = int(row) if isinstance(row, str) else row
-        except ValueError:
-            raise ServiceError(404, "unknown_row", "rows are numbers") from None
-        kind, hits = "row", await e.by_row(row, k, offset)
+        kind, hits = "row", await e.by_row(_row(query["row"]), k, offset)
     elif "key" in query:
         kind, hits = "key", await e.by_key(str(query["key"]), k, offset)
     elif "vector" in query:
@@ -176,26 +192,36 @@ def _hits(hits: list) -> Response:
     return JSONResponse({"hits": [{**asdict(h), "thumb": f"/api/thumb/{h.row}"} for h in hits]})
 
 
-async def _capped_body(request: Request, cap: int) -> bytes:
+async def _capped_body(request: Request, cap: int, stall_s: float) -> bytes:
     """The body, refused with 413 once it passes `cap` bytes; what follows is read and dropped (up
-    to 4 × cap) so that the client, still sending, gets the answer instead of a reset connection."""
+    to 4 × cap) so that the client, still sending, gets the answer instead of a reset connection.
+    A body that stops arriving for `stall_s` is answered 408 (a slow client holds no connection
+    for long); a client that hangs up mid-upload is one counted error, not a traceback."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > 4 * cap:
         raise ServiceError(413, "too_large", f"the body is {int(length)} bytes; the limit is {cap}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > 4 * cap:
-            break
-        if size <= cap:
-            chunks.append(chunk)
+    stream = request.stream().__aiter__()
+    try:
+        while size <= 4 * cap:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), stall_s)
+            except StopAsyncIteration:
+                break
+            size += len(chunk)
+            if size <= cap:
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ServiceError(408, "body_timeout", f"the body stopped arriving for {stall_s:g} s", close=True) from None
+    except ClientDisconnect:
+        raise ServiceError(400, "client_disconnected", "the client hung up during the upload", close=True) from None
     if size > cap:
         raise ServiceError(413, "too_large", f"the body passed the limit of {cap} bytes")
     return b"".join(chunks)
 
 
-async def _image_from(request: Request, kind: str, cap: int) -> bytes:
-    body = await _capped_body(request, cap + 64 * 1024)  # room for the multipart envelope
+async def _image_from(request: Request, kind: str, cap: int, stall_s: float) -> bytes:
+    body = await _capped_body(request, cap + 64 * 1024, stall_s)  # room for the multipart envelope
     if kind != "multipart/form-data":
         if len(body) > cap:
             raise ServiceError(413, "too_large", f"the image passed the limit of {cap} bytes")
@@ -219,21 +245,29 @@ async def _image_from(request: Request, kind: str, cap: int) -> bytes:
     return data
 
 
-def _error(status: int, code: str, message: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
+def _error(status: int, code: str, message: str, retry_after: int | None = None, close: bool = False) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    if close:  # the rest of a stalled or abandoned body must not be read as the next request
+        headers["Connection"] = "close"
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-async def _service_error(request: Request, exc: ServiceError) -> Response:
+def _count(request: Request, code: str) -> None:
     state = request.app.state.featpipe
     if state["engine"] is not None:
-        state["engine"].metrics.error(exc.code)
-    return _error(exc.status, exc.code, exc.message, exc.retry_after)
+        state["engine"].metrics.error(code)
+
+
+async def _service_error(request: Request, exc: ServiceError) -> Response:
+    _count(request, exc.code)
+    return _error(exc.status, exc.code, exc.message, exc.retry_after, exc.close)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, UserError):
+        _count(request, "bad_query")
         return _error(422, "bad_query", str(exc))
+    _count(request, "internal")
     log.exception("internal error on %s", request.url.path)
     return _error(500, "internal", f"{type(exc).__name__}: {first_line(exc)}")
 
