@@ -6,7 +6,6 @@ hide what is being tested."""
 from __future__ import annotations
 
 import http.server
-import json
 import socket
 import subprocess
 import sys
