@@ -183,13 +183,11 @@ def test_urls_are_off_unless_allowed_and_batches_form_under_load(features):
         s.stop()
 
 
-def test_the_page_in_a_real_browser(server, tmp_path):
+def chrome(tmp_path: Path):
+    """Debian's headless Chromium through its chromedriver (skipped where neither is installed)."""
     if not shutil.which("chromedriver") or not shutil.which("chromium"):
         pytest.skip("no chromium-driver here (.ci/run installs Debian's chromium and chromium-driver)")
     webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in (
@@ -205,7 +203,14 @@ def test_the_page_in_a_real_browser(server, tmp_path):
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+    return webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+
+
+def test_the_page_in_a_real_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chrome(tmp_path)
     try:
         driver.get(server.url + "/")
         WebDriverWait(driver, 30).until(lambda d: "images" in d.find_element(By.ID, "info").text)

@@ -6,6 +6,7 @@ hide what is being tested."""
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import subprocess
 import sys
@@ -171,3 +172,50 @@ def test_a_dripping_url_is_given_up_at_the_deadline(features):  # noqa: F811
         httpd.shutdown()
     assert proc.returncode == 1 and "timed out after 2 s" in proc.stderr, proc.stderr[-500:]
     assert fetch_s < 30, fetch_s  # start-up included; the drip alone would never end
+
+
+def test_the_page_while_loading_with_enter_paging_and_the_query_shown(features, tmp_path):  # noqa: F811
+    """Opened before the service is ready, the page waits for it; Enter searches by key when the
+    model has no text tower; the query is shown; results page with offset; clicking a result
+    clears the file input."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve import PHOTOS, chrome
+
+    driver = chrome(tmp_path)
+    cmd = [sys.executable, "-m", "pipeline", "serve", str(features), "--port", "0", "--device", "cpu", "-k", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+        driver.get(url + "/")  # at once: the model is still loading
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "images" in d.find_element(By.ID, "info").text)
+        info = json.loads(driver.execute_script("return JSON.stringify(info)"))
+        assert info["model"] == "hub/vit_tiny_p14"  # the local hub folder by its name, not its path here
+        key = json.loads((features / "img_list.json").read_text())[2]
+        box = driver.find_element(By.ID, "q")
+        box.send_keys(key, Keys.ENTER)
+        first = "return document.querySelector('#grid figure')?.dataset.row"
+        wait.until(lambda d: d.execute_script(first) == "2")
+        assert key in driver.find_element(By.ID, "query-text").text
+        assert driver.find_element(By.ID, "page").text == "results 1–3"
+        driver.find_element(By.ID, "next").click()
+        wait.until(lambda d: d.find_element(By.ID, "page").text == "results 4–6")
+        ranks = driver.execute_script(
+            "return [...document.querySelectorAll('#grid figcaption')].map(c => c.textContent)"
+        )
+        assert all(" · #" in r for r in ranks) and "#3" in ranks[0]
+        (tmp_path / "upload.jpg").write_bytes(PHOTOS[1])
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "upload.jpg"))
+        wait.until(lambda d: "upload.jpg" in d.find_element(By.ID, "query-text").text)
+        wait.until(lambda d: d.find_element(By.ID, "page").text == "results 1–3")
+        row = driver.execute_script(first)
+        driver.find_element(By.CSS_SELECTOR, "#grid figure:last-child").click()
+        wait.until(lambda d: "row " in d.find_element(By.ID, "query-text").text)
+        assert driver.execute_script("return document.getElementById('file').value") == ""
+        assert row is not None
+    finally:
+        driver.quit()
+        proc.terminate()
+        proc.wait(10)

@@ -58,6 +58,21 @@ def _bad(code: str, message: str, status: int = 422) -> ServiceError:
     return ServiceError(status, code, message)
 
 
+def _public_model(model: dict | None) -> str | None:
+    """The model as a name: a local hub folder or weights file is named by its last part, never by
+    the path it has on the serving machine."""
+    if not model:
+        return None
+    if model.get("model"):
+        source = str(model["model"])
+        kind, _, ident = source.partition(":")
+        return f"{kind}:{ident.rstrip('/').rsplit('/', 1)[-1]}" if ident.startswith(("/", ".", "~")) else source
+    repo = str(model.get("repo", "")).rstrip("/")
+    repo = repo.rsplit("/", 1)[-1] if repo.startswith(("/", ".", "~")) else repo
+    weights = model.get("weights")
+    return f"{repo}/{model.get('name')}" + (f" (weights {str(weights).rsplit('/', 1)[-1]})" if weights else "")
+
+
 class Engine:
     """The loaded index (or features) and model; thread-safe searches; the image batcher."""
 
@@ -92,7 +107,7 @@ class Engine:
             "dim": t.dim,
             "index": meta.get("index_key", "exact search over the features"),
             "estimated_recall_at_10": meta.get("estimated_recall_at_10", 1.0),
-            "model": embedder.get("model"),
+            "model": _public_model(embedder.get("model")),
             "transform": embedder.get("transform"),
             "image_queries": self.embedder is not None,
             "text_queries": bool(self.embedder and self.embedder.text),
