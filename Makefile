@@ -12,13 +12,17 @@ EXTRACT_FLAGS ?=
 # Test processes: two fit a 2-core machine (the suite is mostly subprocesses starting torch; 20 → 12 min there)
 TEST_WORKERS ?= 2
 
-.PHONY: install test lint shards extract consolidate verify demo bench clean
+.PHONY: install install-demo test lint shards extract consolidate verify demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,s3,fast,faiss]'
+	$(BIN)/pip install -q -e '.[test,s3,faiss]'
+
+# What the demo runs, without the test-only extras (selenium, moto, the model libraries, …)
+install-demo: $(BIN)/python
+	$(BIN)/pip install -q -e '.[faiss,serve]'
 
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
@@ -44,7 +48,7 @@ DEMO = data/demo
 # Offline: sample images (with deliberately broken files and planted near-duplicates) → shards →
 # features from a random-weight ViT in featpipe's local hub → neighbours, duplicate groups, a page.
 # Exit status 3 from extract means "done, with recorded failures".
-demo: install
+demo: install-demo
 	$(BIN)/python tools/make_sample_images.py $(DEMO)/images --broken --duplicates
 	$(BIN)/featpipe pack $(DEMO)/images $(DEMO)/shards --shard-size 16 --overwrite --no-progress
 	$(BIN)/featpipe extract $(DEMO)/shards $(DEMO)/features --model-repo pipeline/hub --model-name vit_tiny_p14 \
@@ -54,6 +58,7 @@ demo: install
 	$(BIN)/featpipe dedup $(DEMO)/features $(DEMO)/dedup --threshold 0.98 --overwrite --no-progress
 	$(BIN)/featpipe show $(DEMO)/matches $(DEMO)/matches.html --sample 20
 	$(BIN)/featpipe show $(DEMO)/dedup $(DEMO)/dedup.html
+	$(BIN)/featpipe index $(DEMO)/features $(DEMO)/index --overwrite --no-progress
 	@echo
 	@$(BIN)/python tools/demo_report.py $(DEMO)/dedup
 	@echo "shards:   $(DEMO)/shards (manifest.json lists the files pack skipped, and why)"
@@ -61,6 +66,10 @@ demo: install
 	@echo "failures: $(DEMO)/features/errors.jsonl; Parquet chunks for faiss/autofaiss: $(DEMO)/features/chunks/"
 	@echo "matches:  $(DEMO)/matches/matches.npy, scores.npy, neighbors.parquet; groups: $(DEMO)/dedup/groups.json"
 	@echo "pages:    $(DEMO)/matches.html, $(DEMO)/dedup.html (open in a browser, offline)"
+	@echo "index:    $(DEMO)/index (index.faiss, ids.parquet, index.json)"
+	@echo
+	@echo "Serve it (the page and the API at http://127.0.0.1:8000/; Ctrl-C stops it):"
+	@echo "    $(BIN)/featpipe serve $(DEMO)/index --port 8000"
 
 bench: install
 	$(BIN)/python tools/bench.py

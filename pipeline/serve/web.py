@@ -14,6 +14,7 @@ upload cap counted while the body streams in, CORS only when asked, readiness on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -52,8 +53,10 @@ def create_app(
             state["error"] = f"{first_line(exc)}"
             log.error("cannot load %s: %s", spec, first_line(exc))
             return
+        log.info("ready: %s loaded, %d rows", spec, len(state["engine"].target.ids[0]))
         state["engine"].watch()  # this thread then checks for index updates (--reload-every)
 
+    @contextlib.asynccontextmanager  # a bare async generator is deprecated (a warning at every start)
     async def lifespan(app):
         threading.Thread(target=load, daemon=True, name="featpipe-load").start()
         yield
