@@ -1,6 +1,7 @@
 """The Parquet chunk format: one file per shard, columns key, path, shard, index, width, height
-(the image's upright size) and embedding (a fixed-size list of float32, the column embedding-reader
-and autofaiss read)."""
+(the image's upright size), offset and length (where the image's bytes lie in an uncompressed
+tar shard, -1 and 0 otherwise: a thumbnail reads one image by its byte range) and embedding (a
+fixed-size list of float32, the column embedding-reader and autofaiss read)."""
 
 from __future__ import annotations
 
@@ -25,16 +26,24 @@ class ShardRows:
     paths: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # upright (width, height) of each image
+    members: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of each image in its tar
     features: list[np.ndarray] = field(default_factory=list)
     errors: list[SampleError] = field(default_factory=list)  # found on the device, beside the workers' own
 
     def add(
-        self, keys: list[str], paths: list[str], indices: list[int], sizes: list[tuple[int, int]], feats: np.ndarray
+        self,
+        keys: list[str],
+        paths: list[str],
+        indices: list[int],
+        sizes: list[tuple[int, int]],
+        feats: np.ndarray,
+        members: list[tuple[int, int]] | None = None,
     ) -> None:
         self.keys += keys
         self.paths += paths
         self.indices += indices
         self.sizes += sizes
+        self.members += members or [(-1, 0)] * len(keys)
         self.features.append(feats)
 
     def __len__(self) -> int:
@@ -59,6 +68,8 @@ def chunk_table(rows: ShardRows) -> pa.Table:
             "index": pa.array(rows.indices, pa.int64()),
             "width": pa.array([w for w, _ in rows.sizes], pa.int32()),
             "height": pa.array([h for _, h in rows.sizes], pa.int32()),
+            "offset": pa.array([o for o, _ in rows.members], pa.int64()),
+            "length": pa.array([n for _, n in rows.members], pa.int64()),
             "embedding": emb,
         }
     )

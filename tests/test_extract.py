@@ -467,3 +467,20 @@ def test_query_with_an_image_file_finds_its_own_row(extracted, sample_dir, tmp_p
     assert from_image[0]["row"] == hits[0]["row"] and from_image[0]["score"] >= 0.999
     bad = run_cli("query", out, sample_dir / "broken" / "text_named.jpg", check=False)
     assert bad.returncode == 1 and "cannot decode the query image" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_chunks_record_where_each_image_lies_and_thumbnails_read_only_that(extracted, monkeypatch):
+    """offset/length in the chunks point at the image's own bytes in its tar, and thumbnails are
+    read by that range alone: the shard is never streamed from its start."""
+    import pipeline.retrieve.show as show
+    from pipeline.retrieve.features import open_features
+
+    out, _ = extracted
+    table = pq.read_table(out / "chunks").to_pylist()
+    shards = {s["name"]: s["url"] for s in json.loads((out / "run.json").read_text())["shards"]}
+    for row in table:
+        data = Path(shards[row["shard"]]).read_bytes()[row["offset"] : row["offset"] + row["length"]]
+        assert row["length"] > 0 and data == Path(row["path"]).read_bytes(), row["path"]
+    monkeypatch.setattr(show, "open_stream", lambda url: (_ for _ in ()).throw(AssertionError(f"streamed {url}")))
+    thumbs = show.Thumbnails(open_features(str(out)), 64).jpegs(set(range(len(table))))
+    assert len(thumbs) == len(table) and all(j[:2] == b"\xff\xd8" for j in thumbs.values())

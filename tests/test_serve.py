@@ -218,7 +218,7 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         driver.find_element(By.ID, "file").send_keys(str(tmp_path / "query.jpg"))
         figures = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#grid figure"))
         decoded = lambda d: d.execute_script(
-            "return [...document.images].filter(i => i.complete && i.naturalWidth > 0).length"
+            "return [...document.querySelectorAll('#grid img')].filter(i => i.complete && i.naturalWidth > 0).length"
         )
         WebDriverWait(driver, 30).until(lambda d: decoded(d) == len(d.find_elements(By.CSS_SELECTOR, "#grid img")))
         captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, "#grid figcaption")]

@@ -28,6 +28,7 @@ class Batch:
     paths: list[str]
     indices: list[int]
     sizes: list[tuple[int, int]]  # each image's upright (width, height) before resizing
+    members: list[tuple[int, int]]  # each image's (offset, length) in its tar, (-1, 0) when unknown
     end: ShardReport | None  # set on the shard's last batch: what else reading the shard found
 
     def __len__(self) -> int:
@@ -126,5 +127,6 @@ def _batch(shard: ShardRef, items: list[_Item], cfg: TransformConfig, report: Sh
         [r.path for r in raws],
         [r.index for r in raws],
         [it.size for it in items],
+        [r.member for r in raws],
         report,
     )

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.errors import SampleError, first_line, reason
 from pipeline.extract.inputs import ShardRef
@@ -41,6 +42,7 @@ class RawSample:
     index: int
     data: bytes | None
     error: str | None = None  # why `data` is missing
+    member: tuple[int, int] = (-1, 0)  # the image's (offset, length) in an uncompressed tar, for reading it alone
 
 
 @dataclass
@@ -80,7 +82,7 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
         position = 0
         try:
             with open_stream(shard.url) as stream:
-                for sample in _group(tar_file_iterator(stream)):
+                for sample in _group(tar_members(stream, uncompressed=shard.url.endswith(".tar"))):
                     if position >= report.read:
                         report.read += 1
                         yield _raw_from_tar(sample, position, shard, seen)
@@ -107,6 +109,22 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
         report.failed = f"{shard.url}: ended after {report.read} of {shard.expected} samples"
 
 
+def tar_members(stream, uncompressed: bool = True) -> Iterator[dict]:
+    """Regular members of a tar stream as {"fname", "data", "offset"}, by webdataset's rules (its
+    `__meta__` members skipped), plus where each member's bytes start in the file (`offset`; -1
+    for a compressed tar) so that a thumbnail can later read one image by its byte range."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            name = info.name
+            if not info.isreg() or not name or re.match(r"__[^/]*__($|/)", name):
+                continue
+            if "/" not in name and name.startswith("__") and name.endswith("__"):
+                continue
+            data = tar.extractfile(info).read()
+            yield {"fname": name, "data": data, "offset": info.offset_data if uncompressed else -1}
+            tar.members = []  # stream mode: nothing to keep
+
+
 def _group(members: Iterator[dict]) -> Iterator[dict]:
     """Adjacent members with one key → a sample (webdataset's rule: key up to the first dot of the
     base name, the rest lower-cased is the field). Unlike webdataset's grouping, a sample whose
@@ -124,6 +142,7 @@ def _group(members: Iterator[dict]) -> Iterator[dict]:
                     yield current
                 current = {"__key__": prefix}
             current[suffix] = member["data"]
+            current.setdefault("__members__", {})[suffix] = (member.get("offset", -1), len(member["data"]))
     except BaseException:
         if current is not None:
             yield current
@@ -148,7 +167,7 @@ def _raw_from_tar(sample: dict, position: int, shard: ShardRef, seen: set[str]) 
         field_name = next((f for f in IMAGE_EXTENSIONS if f in sample), None)
     if field_name is None:
         return RawSample(key, path, position, None, "sample has no image field")
-    return RawSample(key, path, position, sample[field_name])
+    return RawSample(key, path, position, sample[field_name], member=sample["__members__"][field_name])
 
 
 def _metadata(raw: bytes | None) -> tuple[dict, str | None]:

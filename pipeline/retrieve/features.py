@@ -146,13 +146,22 @@ class FeatureSet:
         return list(zip(cols["width"], cols["height"], strict=True))
 
     @property
+    def members(self) -> list[tuple[int, int]] | None:
+        """Each image's (offset, length) in its uncompressed tar shard, offset -1 where unknown
+        (None for bare arrays and for chunks written before featpipe recorded them)."""
+        cols = self._chunk_columns
+        if "offset" not in cols:
+            return None
+        return list(zip(cols["offset"], cols["length"], strict=True))
+
+    @property
     def shards(self) -> list[str] | None:
         """Each row's shard name, from the chunks."""
         return self._chunk_columns.get("shard")
 
     @cached_property
     def _chunk_columns(self) -> dict[str, list]:
-        """key, shard, width and height in row order, read from the chunks' small columns alone."""
+        """key, shard, width, height, offset and length in row order, from the chunks' small columns alone."""
         if self.folder is None:
             return {}
         import pyarrow.parquet as pq
@@ -166,7 +175,9 @@ class FeatureSet:
                 continue
             with out.fs.open(out.join(CHUNKS, f"{shard}.parquet"), "rb") as f:
                 chunk = pq.ParquetFile(f)
-                names = [c for c in ("key", "shard", "width", "height") if c in chunk.schema_arrow.names]
+                names = [
+                    c for c in ("key", "shard", "width", "height", "offset", "length") if c in chunk.schema_arrow.names
+                ]
                 table = chunk.read(columns=names, use_threads=False)
             for name in names:
                 columns.setdefault(name, []).extend(table.column(name).to_pylist())
@@ -175,8 +186,10 @@ class FeatureSet:
                 f"{self.folder}: its chunks hold {len(columns.get('key', []))} rows, its features {self.n}; "
                 "run `featpipe consolidate` again"
             )
-        if "width" in columns and len(columns["width"]) != self.n:  # chunks from before sizes were recorded
-            del columns["width"], columns["height"]
+        for pair in (("width", "height"), ("offset", "length")):  # absent from chunks of earlier featpipes
+            if pair[0] in columns and len(columns[pair[0]]) != self.n:
+                for name in pair:
+                    del columns[name]
         return columns
 
 
