@@ -8,7 +8,8 @@ The index: --rows random 192-dim vectors (the offline vit_tiny_p14's width), Fla
 model of a small extract run so image queries are embedded as a real run's would be. The load
 generator is a separate process (threads; its CPU share of the 2 cores is reported). Rows:
   image queries/s, p50/p99 latency, the batch sizes seen; the model alone on ready-made batches of
-  crops (img/s); sequential `featpipe query` processes (q/s); "more like this" (row) queries/s;
+  crops (img/s); sequential `featpipe query` processes (q/s); "more like this" (row) and vector
+  queries/s with their p50/p99;
   server RSS at the start and end of a --soak seconds run of mixed queries.
 Each client keeps one connection open (keep-alive), as HTTP clients do.
 """
@@ -110,6 +111,7 @@ def load(url: str, clients: int, per_client: int, kind: str, jpegs: list[bytes])
     """Runs in its own process (`--load`): clients × per_client queries, latencies and CPU share."""
     latencies: list[float] = []
     errors = [0]
+    vectors = np.random.default_rng(1).standard_normal((64, 192)).round(4).tolist()
     lock = threading.Lock()
 
     def client(c: int) -> None:
@@ -118,6 +120,9 @@ def load(url: str, clients: int, per_client: int, kind: str, jpegs: list[bytes])
             try:
                 if kind == "image":
                     t = session.image(jpegs[(c + i) % len(jpegs)])
+                elif kind == "vector":
+                    body = json.dumps({"vector": vectors[(c + i) % len(vectors)], "k": 10}).encode()
+                    t = session.request("POST", "/api/search", body, {"Content-Type": "application/json"})
                 else:
                     t = session.request("GET", f"/api/search?row={(c * per_client + i) % 1000}&k=10")
                 with lock:
@@ -219,6 +224,7 @@ def main() -> None:
                 time.sleep(0.2)
         image = run_load(url, args.clients, args.per_client, "image", work)
         rows = run_load(url, args.clients, args.per_client * 3, "row", work)
+        vectors = run_load(url, args.clients, args.per_client * 3, "vector", work)
         with urllib.request.urlopen(url + "/metrics") as r:
             metrics = r.read().decode()
         sizes = [ln for ln in metrics.splitlines() if ln.startswith("featpipe_batch_size_")]
@@ -237,6 +243,10 @@ def main() -> None:
         print(
             f"more like this (row) queries: {rows['qps']:.0f}/s, p50 {rows['p50'] * 1000:.0f} ms, "
             f"p99 {rows['p99'] * 1000:.0f} ms, {rows['errors']} errors"
+        )
+        print(
+            f"vector queries: {vectors['qps']:.0f}/s, p50 {vectors['p50'] * 1000:.0f} ms, "
+            f"p99 {vectors['p99'] * 1000:.0f} ms, {vectors['errors']} errors"
         )
         if args.soak:
             start = rss_mb(server.pid)

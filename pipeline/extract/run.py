@@ -21,6 +21,7 @@ from pipeline.extract.consolidate import Consolidated, consolidate
 from pipeline.extract.dataset import Batch, ShardStream
 from pipeline.extract.inputs import DEFAULT_GROUP_SIZE, ShardRef, resolve_shards
 from pipeline.extract.reader import ReadConfig
+from pipeline.extract.readback import PendingFeatures
 from pipeline.extract.runner import ModelRunner
 from pipeline.extract.timing import StageTimer
 from pipeline.image.device import decode_on_device
@@ -252,9 +253,9 @@ def _embed(
     fingerprint: str,
     ctx: dist.DistContext,
 ) -> StageTimer:
-    """Batches through the model, rows to the committer. Each batch's features are read back only
-    after the next batch is queued on the device: reading them waits for the device, which then
-    has the next batch to work on instead of idling while this process fetches it."""
+    """Batches through the model, rows to the committer. Each batch's features are copied to the
+    host behind its model call and read one iteration later, after the next batch is queued
+    (readback.py): the device always has work queued while this process fetches the next batch."""
     timer = StageTimer(len(todo))
     if not todo:
         return timer
@@ -264,7 +265,7 @@ def _embed(
         for batch in timer.data(_loader(todo, cfg, device)):
             with timer.model():
                 images, keep = _on_device(batch, device, cfg.transform, committer.rows(batch.shard).errors)
-                feats = runner(images) if keep else None
+                feats = _queued(runner(images), len(keep)) if keep else None
                 if previous is not None:
                     bar.update(_read_back(committer, *previous))
                 previous = (batch, keep, feats)
@@ -300,11 +301,14 @@ def _progress_bar(todo: list[ShardRef], cfg: ExtractConfig, ctx: dist.DistContex
     )
 
 
-def _read_back(committer: ChunkCommitter, batch: Batch, keep: list[int], feats: torch.Tensor | None) -> int:
-    """A batch's features to the host and the committer; returns the samples it accounts for."""
-    if feats is not None:
-        check_output(feats, len(keep))
-    committer.add(batch, keep, None if feats is None else feats.float().cpu().numpy())
+def _queued(feats: torch.Tensor, batch: int) -> PendingFeatures:
+    check_output(feats, batch)  # the shape only: no wait on the device
+    return PendingFeatures(feats)
+
+
+def _read_back(committer: ChunkCommitter, batch: Batch, keep: list[int], feats: PendingFeatures | None) -> int:
+    """A batch's features to the committer, once their copy is done; returns the samples it accounts for."""
+    committer.add(batch, keep, None if feats is None else feats.result())
     return len(batch) + (len(batch.end.errors) if batch.end is not None else 0)
 
 
