@@ -4,9 +4,23 @@ counts."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
+from pipeline.errors import UserError
 from pipeline.extract.readback import PendingFeatures
+from pipeline.retrieve.features import open_features
+from pipeline.retrieve.knn import (
+    CANDIDATE_MARGIN,
+    ExactSearch,
+    Tiling,
+    device_query_rows,
+    finish_rows,
+    normalize,
+    plan_tiles,
+    valid_rows,
+)
 
 
 class _Event:
@@ -32,3 +46,44 @@ def test_read_back_waits_on_its_own_event_one_iteration_later():
     got = first.result()
     assert _Event.log == ["record", "record", "synchronize"] and got.dtype.name == "float32"
     assert got.tolist() == [[0, 1, 2], [3, 4, 5]] and second.result().sum() == 6
+
+
+def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Tight clusters with exact duplicates: many scores within fp16's error of each other."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim))
+    x = centres[rng.integers(0, 20, n)] + 0.02 * rng.standard_normal((n, dim))
+    x[n // 2 : n // 2 + 40] = x[:40]  # byte copies: ties broken by row number
+    return x.astype(np.float16)
+
+
+@pytest.mark.parametrize("n,dim,gb", [(10**6, 384, 24), (10**6, 1024, 24), (10**7, 384, 80), (10**7, 1024, 80)])
+def test_device_blocks_fit_the_device(n, dim, gb):
+    """With the default 2 GB host budget, the database tile (or all of it when it fits), the query
+    block and the score block with topk's copy fit the device's share, at 24 and 80 GB."""
+    tiling = plan_tiles(n, dim, 11 + CANDIDATE_MARGIN, 2 * 10**9)
+    free = gb * 2**30
+    db = n * dim * 2 if n * dim * 2 < free // 2 else tiling.db_rows * dim * 2
+    held = db + tiling.query_rows * dim * 4
+    rows = device_query_rows(tiling.db_rows, held, free)
+    assert rows >= 256 and held + 2 * rows * tiling.db_rows * 2 <= free * 0.5
+    with pytest.raises(UserError, match="device memory"):
+        device_query_rows(tiling.db_rows, held, held)  # a device too small says so in one line
+
+
+def test_fp16_candidates_settled_on_the_device_equal_the_exact_match(tmp_path):
+    """The GPU's arithmetic (fp16 products) on the CPU, in blocks far smaller than the query block:
+    with its error bound and the settling done by the same device search, the result equals the
+    CPU (float32 faiss) search's, ties and byte copies included."""
+    np.save(tmp_path / "x.npy", _clustered(3000, 64))
+    fs = open_features(str(tmp_path / "x.npy"))
+    tiling = Tiling(query_rows=3000, db_rows=700)
+    valid = valid_rows(fs, 700)
+    queries = normalize(fs.read(0, fs.n).astype(np.float32))
+    k = 10
+    results = []
+    for search in (ExactSearch(fs, valid, tiling), ExactSearch(fs, valid, tiling, half=True)):
+        cand = search.candidates(queries, k + 1 + CANDIDATE_MARGIN)
+        results.append(finish_rows(fs, np.arange(fs.n), fs.read(0, fs.n), cand, k, "first", search))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    assert (results[0][0][: fs.n // 2, 1] != results[0][0][: fs.n // 2, 0]).all()

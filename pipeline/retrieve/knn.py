@@ -13,6 +13,7 @@ are settled by row number, never by which tile or thread saw a row first.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +26,15 @@ from pipeline.units import format_bytes
 NO_MATCH = np.iinfo(np.uint32).max  # a neighbour slot with no vector (an invalid row, or k > valid rows)
 CANDIDATE_MARGIN = 2  # extra candidates per query, so near-ties are settled by the exact scores
 _RESCORE_ROWS = 256  # queries re-scored at a time: (256 × k × D) float64 stays a few MB
-# How far a fast candidate score may be from the exact cosine: float32 BLAS products of unit vectors
-# are off by ~1e-6 at D = 1024; fp16 products on a GPU (inputs and output rounded to 11 bits) by
-# ~1.5e-3. A query whose last candidate scores within this of its k-th exact score may have more
-# rows tied at the boundary than the list holds: those are gathered exactly (`ExactSearch.within`).
-FAST_SCORE_ERROR = {"cpu": 1e-4, "cuda": 4e-3}
+# How far a fast candidate score may be from the exact cosine. float32 BLAS products of unit vectors
+# are off by ~1e-6 at D = 1024. fp16 products (a GPU's): each input rounded to fp16 (unit roundoff
+# u = 2^-11) moves q·d by at most 2u·Σ|q_i d_i| ≤ 2u for unit vectors (Cauchy-Schwarz), fp32
+# accumulation adds at most D·2^-24 (6e-5 at D = 1024), the fp16 output rounding u·|s| ≤ u: 3u +
+# 6e-5 = 1.53e-3 in all. A query whose last candidate scores within this of its k-th exact score may
+# have more rows tied at the boundary than the list holds: those are gathered (`ExactSearch.within`,
+# on the same device as the candidates, so a GPU match never falls back to CPU scans).
+FAST_SCORE_ERROR = {"cpu": 1e-4, "fp16": 3 * 2**-11 + 6.2e-5}
+_DEVICE_SHARE = 0.5  # of the device memory free when a search starts: the rest is left to others
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,21 @@ def plan_tiles(n: int, dim: int, k: int, budget: int) -> Tiling:
     return Tiling(max(1, query_rows), max(1, db_rows))
 
 
+def device_query_rows(db_rows: int, held: int, free: int, elem: int = 2) -> int:
+    """Queries per product on a device: the (rows × db_rows) score block and topk's copy of it fit
+    beside the `held` bytes (the database on the device, the query block) in `_DEVICE_SHARE` of the
+    `free` bytes. Sized by the device, never by the host budget: 65,536 × 651,041 fp16 scores are
+    85 GB. Raises where not even one row fits."""
+    room = int(free * _DEVICE_SHARE) - held
+    rows = room // (2 * db_rows * elem)
+    if rows < 1:
+        raise UserError(
+            f"a database tile of {db_rows} rows needs {format_bytes(held + 2 * db_rows * elem)} of device memory; "
+            f"{format_bytes(int(free * _DEVICE_SHARE))} is available: give a smaller --memory-budget"
+        )
+    return int(rows)
+
+
 def normalize(x: np.ndarray) -> np.ndarray:
     """L2-normalised float32 rows (faiss.normalize_L2's arithmetic), for the fast search; zero rows stay zero."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
@@ -102,12 +122,16 @@ def valid_rows(fs: FeatureSet, block: int) -> np.ndarray:
 
 
 class ExactSearch:
-    """Every database tile against a block of queries."""
+    """Every database tile against a block of queries: faiss on the CPU; torch on a GPU (fp16), or
+    on the CPU with `half` (the GPU's arithmetic, for tests)."""
 
-    def __init__(self, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, device: str = "cpu"):
+    def __init__(self, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, device: str = "cpu", half: bool = False):
         self.fs, self.valid, self.tiling, self.device = fs, valid, tiling, device
-        self.error = FAST_SCORE_ERROR["cpu" if device == "cpu" else "cuda"]
+        self.torch = device != "cpu" or half
+        self.half = half or device.startswith("cuda")
+        self.error = FAST_SCORE_ERROR["fp16" if self.half else "cpu"]
         self._resident: dict[int, object] = {}  # database tiles kept on the GPU when they all fit
+        self._last: tuple[int | None, object] = (None, None)  # the tile in use, when not all are kept
 
     def candidates(self, queries: np.ndarray, count: int) -> Candidates:
         """Up to `count` most similar valid rows per query (normalised float32 queries)."""
@@ -119,16 +143,23 @@ class ExactSearch:
         return Candidates(best_s, best_i)
 
     def within(self, queries: np.ndarray, floors: np.ndarray) -> list[np.ndarray]:
-        """Per query, every valid row whose float32 score reaches its floor (all of a run of ties,
-        however long). Queries go a few at a time: their score rows stay under the database tile."""
-        step = max(1, self.fs.dim // 2)
+        """Per query, every valid row whose fast score reaches its floor (all of a run of ties,
+        however long), with the arithmetic of `candidates`, on its device. Queries go a few at a
+        time: their score rows stay under the database tile."""
         found: list[list[np.ndarray]] = [[] for _ in queries]
         for start, stop, ids in self._tiles():
-            db = normalize(self.fs.read(start, stop)[ids - start])
-            for q0 in range(0, len(queries), step):
-                s = queries[q0 : q0 + step] @ db.T
-                for j, row in enumerate(s >= floors[q0 : q0 + step, None]):
-                    found[q0 + j].append(ids[row])
+            if self.torch:
+                hits = self._within_torch(queries, floors, start, stop, ids)
+            else:
+                db = normalize(self.fs.read(start, stop)[ids - start])
+                step = max(1, self.fs.dim // 2)
+                hits = (
+                    row
+                    for q0 in range(0, len(queries), step)
+                    for row in (queries[q0 : q0 + step] @ db.T) >= floors[q0 : q0 + step, None]
+                )
+            for j, row in enumerate(hits):
+                found[j].append(ids[row])
         return [np.concatenate(f) if f else np.zeros(0, np.int64) for f in found]
 
     def _tiles(self):
@@ -141,28 +172,63 @@ class ExactSearch:
     def _tile(
         self, queries: np.ndarray, start: int, stop: int, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self.device == "cpu":
+        if not self.torch:
             faiss = load_faiss()
 
             db = normalize(self.fs.read(start, stop)[ids - start])
             s, i = faiss.knn(queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)
             return s, i
-        return self._tile_torch(queries, start, stop, ids, k)
+        out_s, out_i = [], []
+        for q, _ in self._blocks(queries, start, stop, ids):
+            # topk on the fp16 scores themselves: a .float() copy of the block doubled its memory
+            s, i = (q @ self._db(start, stop, ids).T).topk(k, dim=1)
+            out_s.append(s.float().cpu().numpy())
+            out_i.append(i.cpu().numpy())
+        return np.concatenate(out_s), np.concatenate(out_i)
 
-    def _tile_torch(
-        self, queries: np.ndarray, start: int, stop: int, ids: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _within_torch(self, queries: np.ndarray, floors: np.ndarray, start: int, stop: int, ids: np.ndarray):
         import torch
 
-        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        for q, q0 in self._blocks(queries, start, stop, ids):
+            floor = torch.from_numpy(floors[q0 : q0 + len(q)]).to(q.device)
+            above = ((q @ self._db(start, stop, ids).T).float() >= floor[:, None]).cpu().numpy()
+            yield from above
+
+    def _blocks(self, queries: np.ndarray, start: int, stop: int, ids: np.ndarray):
+        """The queries on the device in blocks whose score matrix fits it (`device_query_rows`)."""
+        import torch
+
+        dtype = torch.float16 if self.half else torch.float32
+        elem = 2 if self.half else 4
+        db = self._db(start, stop, ids)
+        held = sum(t.numel() for t in self._resident.values()) * elem + (0 if self._resident else db.numel() * elem)
+        rows = device_query_rows(len(ids), held + queries.nbytes, _free(self.device), elem)
+        for q0 in range(0, len(queries), rows):
+            yield torch.from_numpy(queries[q0 : q0 + rows]).to(self.device, dtype), q0
+
+    def _db(self, start: int, stop: int, ids: np.ndarray):
+        """A database tile on the device: all of them stay there when they fit half its free memory."""
+        import torch
+
         db = self._resident.get(start)
+        if db is None and self._last[0] == start:
+            db = self._last[1]
         if db is None:
+            dtype = torch.float16 if self.half else torch.float32
             db = torch.from_numpy(normalize(self.fs.read(start, stop)[ids - start])).to(self.device, dtype)
             if self.fs.n * self.fs.dim * 2 < _gpu_room(self.device):
                 self._resident[start] = db
-        q = torch.from_numpy(queries).to(self.device, dtype)
-        s, i = (q @ db.T).float().topk(k, dim=1)
-        return s.cpu().numpy(), i.cpu().numpy()
+            self._last = (start, db)
+        return db
+
+
+def _free(device: str) -> int:
+    """Free bytes of the device's memory (the CPU's for the CPU: what a test of this path has)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _gpu_room(device: str) -> int:
