@@ -20,8 +20,8 @@ from pipeline.extract.commit import ChunkCommitter
 from pipeline.extract.consolidate import Consolidated, consolidate
 from pipeline.extract.dataset import Batch, ShardStream
 from pipeline.extract.inputs import DEFAULT_GROUP_SIZE, ShardRef, resolve_shards
-from pipeline.extract.reader import ReadConfig
 from pipeline.extract.readback import PendingFeatures
+from pipeline.extract.reader import ReadConfig
 from pipeline.extract.runner import ModelRunner
 from pipeline.extract.timing import StageTimer
 from pipeline.image.device import decode_on_device
