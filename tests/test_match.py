@@ -304,15 +304,17 @@ def test_query_features_exactly_and_bad_queries(vectors, tmp_path):
 
 
 def test_the_gpu_tile_path_finds_the_same_candidates_on_the_cpu(vectors):
-    """The torch tiles a CUDA run uses (fp16 there), run in float32 on the CPU against faiss's tiles."""
+    """The torch tiles a CUDA run uses, with its fp16 arithmetic on the CPU, against faiss's tiles:
+    the same candidates but for near-ties, every score within the fp16 error bound."""
     from pipeline.retrieve.features import open_features
     from pipeline.retrieve.knn import ExactSearch, Tiling, normalize, valid_rows
 
     fs = open_features(str(vectors))
     valid = valid_rows(fs, 1000)
     search = ExactSearch(fs, valid, Tiling(500, 1000), "cpu")
+    half = ExactSearch(fs, valid, Tiling(500, 1000), "cpu", half=True)
     queries = normalize(fs.read(0, 300))
     ids = np.flatnonzero(valid[:1000])
     s_faiss, i_faiss = search._tile(queries, 0, 1000, ids, 10)
-    s_torch, i_torch = search._tile_torch(queries, 0, 1000, ids, 10)
-    assert (i_faiss == i_torch).mean() > 0.99 and np.abs(s_faiss - s_torch).max() < 1e-5
+    s_half, i_half = half._tile(queries, 0, 1000, ids, 10)
+    assert (i_faiss == i_half).mean() > 0.9 and np.abs(s_faiss - s_half).max() < half.error
