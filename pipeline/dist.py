@@ -60,7 +60,11 @@ def pick_device(requested: str, local_rank: int) -> str:
             f"--device {requested} but CUDA is not available here "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use --device cpu to run on the CPU"
         )
-    return f"cuda:{local_rank}" if requested in ("auto", "cuda") else requested
+    if requested not in ("auto", "cuda"):
+        return requested
+    # A launcher that gives each process its own CUDA_VISIBLE_DEVICES leaves one visible device:
+    # cuda:LOCAL_RANK would not exist there, the rank's device is the one it sees.
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
 def init(ctx: DistContext, device: torch.device | str, timeout_s: float) -> None:

@@ -4,6 +4,9 @@ counts."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +90,90 @@ def test_fp16_candidates_settled_on_the_device_equal_the_exact_match(tmp_path):
         results.append(finish_rows(fs, np.arange(fs.n), fs.read(0, fs.n), cand, k, "first", search))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert (results[0][0][: fs.n // 2, 1] != results[0][0][: fs.n // 2, 0]).all()
+
+
+def test_a_query_embeds_with_the_runs_precision(tmp_path):
+    """An extract run in bf16 (a GPU's default) records it; `featpipe query` embeds its images
+    under the same autocast (it used fp32 whatever the run), and an image finds itself first."""
+    from conftest import PHOTOS, ROOT, run_cli
+
+    from pipeline.outdir import load_run
+    from pipeline.retrieve.query import Embedder
+    from pipeline.storage import locate
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, photo in enumerate(PHOTOS[:4]):
+        (src / f"p{i}.jpg").write_bytes(photo)
+    hub = ["--model-repo", str(ROOT / "pipeline" / "hub"), "--model-name", "vit_tiny_p14"]
+    run_cli("extract", src, tmp_path / "out", *hub, "--precision", "bf16", "--workers", "0", "--no-progress")
+    meta = load_run(locate(str(tmp_path / "out"))).extra["embedder"]
+    assert meta["precision"] == "bf16" and Embedder(meta, "out", "cpu").run.amp == torch.bfloat16
+    hit = json.loads(run_cli("query", tmp_path / "out", src / "p2.jpg", "-k", "1", "--json").stdout.splitlines()[0])
+    assert hit["path"].endswith("p2.jpg") and hit["score"] > 0.9999, hit
+
+
+def test_workers_default_to_the_cores_each_local_rank_has(monkeypatch):
+    from pipeline import cpu
+
+    monkeypatch.setattr(cpu, "cores", lambda: 48)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu.default_workers() == 48  # no cap at 8: one GPU needs more decoders than that
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cpu.default_workers() == 6
+
+
+_FAKE_GITHUB = """
+import os, shutil, time
+import torch.hub
+
+def _download(url, dst, *args, **kwargs):  # GitHub, here: count the fetch, copy the prepared zip
+    with open(os.environ["FEATPIPE_TEST_FETCHES"], "a") as f:
+        f.write(url + "\\n")
+    time.sleep(1.0)  # as long as a real download: the other rank would start its own meanwhile
+    shutil.copy(os.environ["FEATPIPE_TEST_ZIP"], dst)
+
+torch.hub.download_url_to_file = _download
+"""
+
+
+def test_ranks_on_one_node_fetch_a_hub_repo_once(tmp_path):
+    """Two torchrun ranks on one TORCH_HOME load a GitHub hub model: one fetch, both ranks run
+    (unlocked, both fetched to the same main.zip and one could remove it under the other)."""
+    import zipfile
+
+    from conftest import ROOT, noisy_photo, torchrun
+
+    archive = tmp_path / "repo.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("fakehub-main/", "")  # GitHub's archives start with the top folder; torch.hub reads it so
+        z.write(ROOT / "pipeline" / "hub" / "hubconf.py", "fakehub-main/hubconf.py")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FAKE_GITHUB)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"m{i}.jpg").write_bytes(noisy_photo(i))
+    env = {
+        "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "FEATPIPE_TEST_FETCHES": str(tmp_path / "fetches.txt"),
+        "FEATPIPE_TEST_ZIP": str(archive),
+    }
+    args = ["-m", "pipeline", "extract", str(src), str(tmp_path / "out"), "--model-repo", "someone/fakehub:main"]
+    proc = torchrun(
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *args,
+        "--model-name",
+        "tiny_cnn",
+        "--workers",
+        "0",
+        "--no-progress",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "fetches.txt").read_text().splitlines()) == 1
+    assert np.load(tmp_path / "out" / "fts.npy").shape[0] == 4

@@ -4,6 +4,7 @@ preprocessing (featpipe's default). Offline failures become one actionable line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import urllib.error
@@ -73,11 +74,17 @@ def _hub_load(cfg: ModelConfig, kwargs: dict) -> torch.nn.Module:
             raise UserError(
                 f"no entry {cfg.name!r} in {cfg.repo}/hubconf.py; it has: {', '.join(_local_entries(cfg.repo))}"
             ) from None
-    repo = _cached_ref(cfg.repo)
     try:
-        return torch.hub.load(
-            repo, cfg.name, source="github", trust_repo=True, skip_validation=True, verbose=False, **kwargs
-        )
+        with _one_fetch_per_node():
+            return torch.hub.load(
+                _cached_ref(cfg.repo),
+                cfg.name,
+                source="github",
+                trust_repo=True,
+                skip_validation=True,
+                verbose=False,
+                **kwargs,
+            )
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         raise UserError(
             f"cannot fetch {cfg.repo} / {cfg.name} from the network ({_reason(exc)}); {_OFFLINE_HELP}"
@@ -86,6 +93,24 @@ def _hub_load(cfg: ModelConfig, kwargs: dict) -> torch.nn.Module:
         if "internet" in str(exc) or "Cannot find callable" in str(exc):
             raise UserError(f"{cfg.repo} / {cfg.name}: {first_line(exc)}; {_OFFLINE_HELP}") from None
         raise
+
+
+@contextlib.contextmanager
+def _one_fetch_per_node():
+    """torch.hub's GitHub loads one at a time per TORCH_HOME: ranks started together each fetched
+    the repo's zip to the same file and removed it under the others (FileNotFoundError: …main.zip,
+    pytorch#68320), and each downloaded the weights. Under an exclusive lock on a file in the hub
+    folder, the first local rank fetches and the others then load from its cache."""
+    import fcntl
+
+    folder = torch.hub.get_dir()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".featpipe-fetch.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _local_entries(repo: str) -> list[str]:

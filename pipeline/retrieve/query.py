@@ -303,7 +303,9 @@ class Embedder:
         loaded = load_model(self.model)
         model = loaded.image.to(self.device)
         self.text = loaded.text
-        self.run = ModelRunner(model, self.device, None, 1, stats=(self.transform.mean, self.transform.std))
+        # The run's own precision (bf16 on a GPU, say): in fp32 an indexed image scored below 1.0 against itself
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta.get("precision", "fp32"))
+        self.run = ModelRunner(model, self.device, amp, 1, stats=(self.transform.mean, self.transform.std))
 
     def texts(self, texts: list[str]) -> np.ndarray:
         """Text queries through the model's text tower, into the image vectors' space."""
