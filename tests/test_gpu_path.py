@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -177,3 +179,27 @@ def test_ranks_on_one_node_fetch_a_hub_repo_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((tmp_path / "fetches.txt").read_text().splitlines()) == 1
     assert np.load(tmp_path / "out" / "fts.npy").shape[0] == 4
+
+
+def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
+    """tools/gpu_check.sh --smoke: the script a GPU machine runs unattended, on the CPU with tiny
+    sizes, so that it cannot fail there for a reason of its own; every step recorded."""
+    from conftest import ROOT
+
+    proc = subprocess.run(
+        [str(ROOT / "tools" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = ["images", "pack", "model_only", "extract_fast", "extract_device", "match_exact", "faiss_gpu"]
+    assert all(s in report and "error" not in report[s] for s in steps), report
+    assert report["images"]["progressive"] > 0 and report["extract_device"]["jpeg_decoder"] in (
+        "torchcodec",
+        "torchvision",
+    )
+    assert report["extract_fast"]["images_per_s"] > 0 and report["match_exact"]["n"] == 2000
+    assert "steps failed: none" in proc.stdout
