@@ -203,3 +203,43 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     )
     assert report["extract_fast"]["images_per_s"] > 0 and report["match_exact"]["n"] == 2000
     assert "steps failed: none" in proc.stdout
+
+
+def test_a_device_mode_batch_is_one_flat_buffer_and_only_the_crops_made_here(tmp_path):
+    """Device mode: plain baseline JPEGs travel as one byte buffer with offsets (their views equal
+    the files), the image tensor holds only the crops the worker made (no zero slots), and
+    progressive JPEGs and PNGs are decoded by the worker."""
+    import io
+
+    from conftest import PHOTOS
+    from PIL import Image
+
+    from pipeline.extract.dataset import ShardStream
+    from pipeline.extract.inputs import resolve_shards
+    from pipeline.image.transform import TransformConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    progressive, png = io.BytesIO(), io.BytesIO()
+    Image.open(io.BytesIO(PHOTOS[0])).save(progressive, "JPEG", progressive=True)
+    Image.open(io.BytesIO(PHOTOS[1])).save(png, "PNG")
+    files = {"a.jpg": PHOTOS[2], "b.jpg": progressive.getvalue(), "c.png": png.getvalue(), "d.jpg": PHOTOS[3]}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    stream = ShardStream(resolve_shards(str(src), 1000), TransformConfig(mode="device"), 8)
+    (batch,) = list(stream)
+    names = [p.rsplit("/", 1)[-1] for p in batch.paths]
+    assert [names[s] for s in batch.jpegs.slots] == ["a.jpg", "d.jpg"]
+    assert [bytes(j.data.numpy()) for j in batch.jpegs.items()] == [files["a.jpg"], files["d.jpg"]]
+    assert batch.jpegs.data.numel() == len(files["a.jpg"]) + len(files["d.jpg"])
+    assert [names[s] for s in batch.crop_slots] == ["b.jpg", "c.png"] and batch.images.shape[0] == 2
+
+
+def test_device_decodes_go_in_runs_of_bounded_pixels():
+    """256 phone photos decoded at once held 9.2 GB on the device: runs stay under DECODE_PIXELS
+    (one image alone may pass it)."""
+    from pipeline.image.device import DECODE_PIXELS, DeviceJpeg, _parts
+
+    sizes = [DECODE_PIXELS * 3 // 4, DECODE_PIXELS // 2, DECODE_PIXELS // 2, 2 * DECODE_PIXELS, 10]
+    parts = _parts([DeviceJpeg(i, torch.zeros(1, dtype=torch.uint8), 1, p) for i, p in enumerate(sizes)])
+    assert [[j.slot for j in part] for part in parts] == [[0], [1, 2], [3], [4]]

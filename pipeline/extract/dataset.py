@@ -5,7 +5,7 @@ chunk can be committed as soon as its last batch is embedded."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.errors import SampleError, reason
 from pipeline.extract.inputs import ShardRef
 from pipeline.extract.reader import RawSample, ReadConfig, ShardReport, iter_shard
-from pipeline.image.device import DeviceJpeg, device_decodable
+from pipeline.image.device import JpegPack, device_decodable
 from pipeline.image.transform import TransformConfig, crop_with_size
 
 
@@ -22,8 +22,8 @@ class Batch:
     """Up to batch-size samples of one shard, as they cross from a worker to the model process."""
 
     shard: str
-    images: torch.Tensor  # (B, 3, C, C) uint8, channels-last; zero where a JPEG waits for the device
-    jpegs: list[DeviceJpeg]  # compressed JPEGs the device decodes into their slots
+    images: torch.Tensor  # (B - J, 3, C, C) uint8 crops, channels-last, for the slots not in `jpegs`
+    jpegs: JpegPack  # J compressed JPEGs the device decodes into their slots (device mode)
     keys: list[str]
     paths: list[str]
     indices: list[int]
@@ -35,9 +35,20 @@ class Batch:
         return len(self.keys)
 
     def pin_memory(self) -> Batch:
-        """Called by the DataLoader's pinning thread: page-locked crops copy to the GPU asynchronously."""
+        """Called by the DataLoader's pinning thread: page-locked crops (and JPEG bytes) copy to
+        the GPU asynchronously."""
         self.images = self.images.pin_memory()
+        if len(self.jpegs):
+            self.jpegs.data = self.jpegs.data.pin_memory()
         return self
+
+    @property
+    def crop_slots(self) -> list[int]:
+        """The slots `images` holds, in order: every slot not left for the device."""
+        if not len(self.jpegs):
+            return list(range(len(self)))
+        waiting = set(self.jpegs.slots)
+        return [i for i in range(len(self)) if i not in waiting]
 
 
 class ShardStream(IterableDataset):
@@ -76,7 +87,9 @@ class SampleStream(IterableDataset):
     ShardStream; undecodable samples are skipped."""
 
     def __init__(self, shards: list[ShardRef], transform: TransformConfig, read: ReadConfig = ReadConfig()):
-        self.stream = ShardStream(shards, transform, 64, read)
+        # a user's loop gets every crop decoded here: device mode's JPEG bytes have no crop to yield
+        cpu = replace(transform, mode="fast") if transform.mode == "device" else transform
+        self.stream = ShardStream(shards, cpu, 64, read)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str, str]]:
         for batch in self.stream:
@@ -87,8 +100,9 @@ class SampleStream(IterableDataset):
 @dataclass
 class _Item:
     raw: RawSample
-    crop: torch.Tensor | DeviceJpeg
+    crop: torch.Tensor | None  # None: a JPEG left for the device
     size: tuple[int, int]
+    rotation: int = 1  # for a JPEG left for the device
 
 
 def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[_Item | None, str]:
@@ -96,10 +110,9 @@ def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[_Item | No
         return None, raw.error
     try:
         if cfg.mode == "device":
-            on_device, rotation, size = device_decodable(raw.data, cfg.max_pixels)
+            on_device, rotation, size = device_decodable(raw.data, cfg.max_pixels, cfg)
             if on_device:
-                jpeg = DeviceJpeg(slot, torch.frombuffer(bytearray(raw.data), dtype=torch.uint8), rotation)
-                return _Item(raw, jpeg, size), ""
+                return _Item(raw, None, size, rotation), ""
         crop, size = crop_with_size(raw.data, cfg)
         return _Item(raw, crop, size), ""
     except Exception as exc:  # Pillow raises many types for damaged data
@@ -107,17 +120,17 @@ def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[_Item | No
 
 
 def _batch(shard: ShardRef, items: list[_Item], cfg: TransformConfig, report: ShardReport | None) -> Batch:
-    """uint8 crops stacked; a JPEG left for the device keeps a zero slot that the device fills.
-    Channels-last, the layout the decoder and the resize produce: stacking is then a plain copy
-    (a planar batch cost ~0.2 ms per image in the worker); the device makes it planar."""
-    fill = torch.zeros if any(isinstance(it.crop, DeviceJpeg) for it in items) else torch.empty
-    images = fill((len(items), cfg.crop_size, cfg.crop_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-    jpegs = []
-    for i, it in enumerate(items):
-        if isinstance(it.crop, DeviceJpeg):
-            jpegs.append(it.crop)
-        else:
-            images[i] = it.crop
+    """uint8 crops stacked (only those decoded here: no zero slots for the device's JPEGs), and the
+    JPEGs left for the device in one flat buffer. Channels-last, the layout the decoder and the
+    resize produce: stacking is then a plain copy (a planar batch cost ~0.2 ms per image in the
+    worker); the device makes it planar."""
+    crops = [it.crop for it in items if it.crop is not None]
+    images = torch.empty((len(crops), cfg.crop_size, cfg.crop_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    for i, crop in enumerate(crops):
+        images[i] = crop
+    jpegs = JpegPack.of(
+        [(i, it.raw.data, it.rotation, it.size[0] * it.size[1]) for i, it in enumerate(items) if it.crop is None]
+    )
     raws = [it.raw for it in items]
     return Batch(
         shard.name,

@@ -334,17 +334,22 @@ def _on_device(
 ) -> tuple[torch.Tensor, list[int]]:
     """The batch's uint8 crops on the device, with JPEGs left for the device decoded into their
     slots; a slot that fails to decode is recorded in `errors` and dropped."""
-    images = batch.images.to(device, non_blocking=True)
+    crops = batch.images.to(device, non_blocking=True)
     keep = list(range(len(batch)))
-    if batch.jpegs:
-        crops, failed = decode_on_device(batch.jpegs, device, transform)
-        for slot, crop in crops.items():
-            images[slot] = crop
-        for slot, why in failed.items():
-            errors.append(SampleError(batch.shard, batch.keys[slot], batch.paths[slot], batch.indices[slot], why))
-        if failed:
-            keep = [i for i in keep if i not in failed]
-            images = images[keep]
+    if not len(batch.jpegs):
+        return crops, keep
+    images = torch.empty((len(batch), *crops.shape[1:]), dtype=torch.uint8, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    if len(crops):
+        images[batch.crop_slots] = crops
+    decoded, failed = decode_on_device(batch.jpegs.items(), device, transform)
+    for slot, crop in decoded.items():
+        images[slot] = crop
+    for slot, why in failed.items():
+        errors.append(SampleError(batch.shard, batch.keys[slot], batch.paths[slot], batch.indices[slot], why))
+    if failed:
+        keep = [i for i in keep if i not in failed]
+        images = images[keep]
     return images, keep
 
 

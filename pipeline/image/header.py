@@ -41,6 +41,7 @@ class Header:
     plain_jpeg: bool  # a gray or YCbCr JPEG, which libjpeg-turbo decoders take as it is
     orientation: int  # EXIF orientation, 1 when absent
     image: Image.Image | None  # Pillow's lazily opened image, when Pillow had to look
+    progressive: bool = False  # a progressive JPEG (read by the segment reader only)
 
     @property
     def width(self) -> int:
@@ -83,7 +84,8 @@ def sniff(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, claim: str = "") ->
     head = read_header(data)
     if head is not None:
         check_pixels(head.width, head.height, max_pixels, claim)
-        return Header("JPEG", (head.width, head.height), head.layers in (1, 3), head.orientation, None)
+        plain = head.layers in (1, 3)
+        return Header("JPEG", (head.width, head.height), plain, head.orientation, None, head.progressive)
     im = open_lazy(data, max_pixels, claim)
     fmt = im.format or ""
     return Header(fmt, im.size, fmt == "JPEG" and im.mode in ("RGB", "L"), orientation(im), im)

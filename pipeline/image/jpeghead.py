@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _ORIENTATION_TAG = 0x0112
 
 
@@ -17,6 +18,7 @@ class JpegHeader:
     height: int
     layers: int  # 1 gray, 3 YCbCr/RGB, 4 CMYK/YCCK
     orientation: int  # EXIF orientation, 1 when absent
+    progressive: bool = False  # SOF2/6/10/14: nvJPEG falls back to the CPU for these
 
 
 def read_header(data: bytes) -> JpegHeader | None:
@@ -25,6 +27,7 @@ def read_header(data: bytes) -> JpegHeader | None:
     if data[:2] != b"\xff\xd8":
         return None
     size, layers, rotation, i, end = None, 0, 1, 2, len(data) - 4
+    progressive = False
     exif_seen = False
     while i <= end:
         if data[i] != 0xFF or not 0xC0 <= data[i + 1] <= 0xFE or 0xD0 <= data[i + 1] <= 0xD9:
@@ -37,6 +40,7 @@ def read_header(data: bytes) -> JpegHeader | None:
             if size is not None or len(body) < 6 or body[0] != 8 or body[5] not in (1, 3, 4):
                 return None
             size, layers = (int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big")), body[5]
+            progressive = marker in _PROGRESSIVE
         elif marker == 0xE1 and body[:6] == b"Exif\x00\x00" and not exif_seen:
             exif_seen = True  # the first EXIF block counts, as in Pillow
             rotation = _exif_orientation(body[6:])
@@ -45,7 +49,7 @@ def read_header(data: bytes) -> JpegHeader | None:
         elif marker == 0xE2 and body[:4] == b"MPF\x00":
             return None
         elif marker == 0xDA:
-            return JpegHeader(size[0], size[1], layers, rotation) if size else None
+            return JpegHeader(size[0], size[1], layers, rotation, progressive) if size else None
         i += 2 + length
     return None
 
