@@ -29,6 +29,7 @@ log = logging.getLogger("featpipe")
 RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
 REMOVED_FILE = "removed.json"
+DIGEST_FILE = "digest.json"  # fts.npy's fingerprint, computed as consolidation wrote it, and its stamp
 CHUNKS = "chunks"
 DONE = "done"
 FAILED = "failed"  # records of shards that could not be read for a passing reason: the next run retries them
@@ -209,6 +210,6 @@ def finished(out: Location) -> set[str]:
 def clear(out: Location, names: OutputNames) -> None:
     """Everything a run wrote, for --overwrite."""
     fs = out.fs
-    for p in (CHUNKS, DONE, FAILED, RUN_FILE, STATS_FILE, REMOVED_FILE, *names.all()):
+    for p in (CHUNKS, DONE, FAILED, RUN_FILE, STATS_FILE, REMOVED_FILE, DIGEST_FILE, *names.all()):
         if fs.exists(out.join(p)):
             fs.rm(out.join(p), recursive=True)

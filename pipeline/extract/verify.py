@@ -61,6 +61,7 @@ def verify(out_url: str, shards_spec: str | None, names: OutputNames = OutputNam
     if len(records) == len(run.shards):  # every shard committed: the consolidated files must agree
         problems += _check_outputs(out, names, paths, mats, run.dim)
         problems += _check_errors(out, names, records)
+        problems += _check_digest(out, names)
     n_errors = sum(len(r.errors) for r in records)
     n_failed = sum(bool(r.failed) for r in records)
     summary = (
@@ -69,6 +70,23 @@ def verify(out_url: str, shards_spec: str | None, names: OutputNames = OutputNam
         + (f"; {len(problems)} problems" if problems else "")
     )
     return problems, summary
+
+
+def _check_digest(out: Location, names: OutputNames) -> list[str]:
+    """digest.json's recorded fingerprints against the vectors' bytes, hashed again: the one place
+    that rehashes everything (consumers trust the record while the file's stamp holds)."""
+    from pipeline.outdir import DIGEST_FILE
+    from pipeline.retrieve.features import open_features
+
+    if names.numpy_features != OutputNames().numpy_features or not out.fs.exists(out.join(DIGEST_FILE)):
+        return []
+    try:
+        recorded = json.loads(out.fs.cat_file(out.join(DIGEST_FILE)))["fingerprints"]
+        fs = open_features(out.url())
+        wrong = [n for n, fp in recorded.items() if int(n) <= fs.n and fs.hash_rows(int(n)) != fp]
+    except Exception as exc:  # damaged JSON, unreadable vectors
+        return [f"{DIGEST_FILE}: cannot be checked ({reason(exc)}); rerun `featpipe consolidate`"]
+    return [f"{DIGEST_FILE}: the first {n} rows' recorded fingerprint is not theirs" for n in wrong]
 
 
 def _records(out: Location, run: RunInfo, problems: list[str]) -> list[DoneRecord]:

@@ -1,0 +1,79 @@
+"""Fingerprints written once (issue 31): consolidation records fts.npy's fingerprint as it writes
+the rows, with the file's stamp; consumers read it instead of hashing every vector, a change behind
+featpipe's back changes the stamp and is hashed (and refused) as before, an update's prefix check
+reads no vector, and `featpipe verify` rehashes on request."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from conftest import noisy_photo as jpeg
+
+from pipeline import api
+from pipeline.retrieve.features import FeatureSet, open_features
+
+HUB = str(ROOT / "pipeline" / "hub")
+
+
+def _grow(src, work) -> None:
+    api.pack(src, work / "shards", shard_size=4, relist=True, progress=False)
+    api.extract(work / "shards", work / "out", model="tiny_cnn", repo=HUB, workers=0, progress=False)
+
+
+def _no_hashing(monkeypatch) -> None:
+    def refuse(self, n):
+        raise AssertionError(f"hashed {n} rows of {self.file}")
+
+    monkeypatch.setattr(FeatureSet, "hash_rows", refuse)
+
+
+def test_recorded_fingerprints_replace_hashing_until_the_file_changes(tmp_path, monkeypatch):
+    src, work = tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    for i in range(6):
+        (src / f"a{i}.jpg").write_bytes(jpeg(i))
+    _grow(src, work)
+    out = work / "out"
+    hashed = open_features(str(out)).hash_rows(6)
+    record = json.loads((out / "digest.json").read_text())
+    assert record["fingerprints"] == {"6": hashed} and record["file"] == "fts.npy"
+
+    with monkeypatch.context() as m:  # the same value as hashing, with no byte read
+        _no_hashing(m)
+        assert open_features(str(out)).fingerprint == hashed
+
+    for i in range(6, 9):  # the folder grows: the update's prefix (6 rows) is recorded as well
+        (src / f"b{i}.jpg").write_bytes(jpeg(i))
+    _grow(src, work)
+    full = open_features(str(out)).hash_rows(9)
+    with monkeypatch.context() as m:
+        _no_hashing(m)
+        grown = open_features(str(out))
+        assert grown.prefix_fingerprint(6) == hashed and grown.fingerprint == full
+
+    fts = out / "fts.npy"  # a row changed behind featpipe's back: the stamp moves, the bytes are hashed
+    x = np.load(fts)
+    x[2] += np.float16(0.5)
+    np.save(fts, x)
+    with monkeypatch.context() as m:
+        _no_hashing(m)
+        with pytest.raises(AssertionError, match="hashed 9 rows"):
+            _ = open_features(str(out)).fingerprint
+    assert open_features(str(out)).fingerprint != full
+
+
+def test_verify_rehashes_the_recorded_fingerprint(tmp_path):
+    src, work = tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    for i in range(5):
+        (src / f"a{i}.jpg").write_bytes(jpeg(i))
+    _grow(src, work)
+    run_cli("verify", work / "out")
+    record = json.loads((work / "out" / "digest.json").read_text())
+    record["fingerprints"]["5"] = "sha256:" + "0" * 64
+    (work / "out" / "digest.json").write_text(json.dumps(record))
+    proc = run_cli("verify", work / "out", check=False)
+    assert proc.returncode != 0 and "the first 5 rows' recorded fingerprint is not theirs" in proc.stdout + proc.stderr
