@@ -243,3 +243,37 @@ def test_device_decodes_go_in_runs_of_bounded_pixels():
     sizes = [DECODE_PIXELS * 3 // 4, DECODE_PIXELS // 2, DECODE_PIXELS // 2, 2 * DECODE_PIXELS, 10]
     parts = _parts([DeviceJpeg(i, torch.zeros(1, dtype=torch.uint8), 1, p) for i, p in enumerate(sizes)])
     assert [[j.slot for j in part] for part in parts] == [[0], [1, 2], [3], [4]]
+
+
+def test_a_faiss_index_stays_on_the_cpu_without_faiss_gpu():
+    """match --method ivf on a CUDA device clones its index to the GPU only where faiss has GPU
+    support; with faiss-cpu (here) the same index object searches."""
+    faiss = pytest.importorskip("faiss")
+    from pipeline.retrieve.ann import on_device
+
+    index = faiss.IndexFlatIP(8)
+    assert on_device(index, "cuda:1", 4) is index and on_device(index, "cpu") is index
+
+
+def test_device_resizes_images_of_one_size_in_one_call_with_the_same_crops():
+    """Grouped by size, the device's resize gives the crops one call per image gave."""
+    import io
+
+    from conftest import PHOTOS
+    from PIL import Image
+
+    from pipeline.image.device import DeviceJpeg, decode_on_device
+    from pipeline.image.transform import TransformConfig, resize_crop_tensor
+
+    datas = []
+    for i, photo in enumerate(PHOTOS[:5]):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(photo)).convert("RGB").resize((320, 240) if i < 3 else (200, 300)).save(buf, "JPEG")
+        datas.append(buf.getvalue())
+    cfg = TransformConfig(mode="device")
+    items = [DeviceJpeg(i, torch.frombuffer(bytearray(d), dtype=torch.uint8), 1, 1) for i, d in enumerate(datas)]
+    crops, failed = decode_on_device(items, torch.device("cpu"), cfg, "torchvision")
+    from pipeline.image.device import decode_jpeg
+
+    alone = [resize_crop_tensor(decode_jpeg(j.data, torch.device("cpu"), "torchvision"), cfg) for j in items]
+    assert not failed and all(torch.equal(crops[i], alone[i]) for i in range(5))

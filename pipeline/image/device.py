@@ -160,10 +160,18 @@ def _decode_part(
             except Exception as exc:
                 images.append(None)
                 failed[j.slot] = f"decode failed on {device.type}: {reason(exc)}"
+    # torchcodec applies the EXIF orientation itself (and has no switch for it); torchvision does not
+    # One resize call per size: a batch of one size (img2dataset's resized shards, a camera's
+    # photos) costs one call instead of one per image (~82 µs of call overhead each on a GPU)
+    by_size: dict[tuple[int, int], list[tuple[DeviceJpeg, torch.Tensor]]] = {}
     for j, im in zip(jpegs, images, strict=False):
         if im is not None:
-            # torchcodec applies the EXIF orientation itself (and has no switch for it); torchvision does not
-            crops[j.slot] = resize_crop_tensor(im if upright else _orient(im, j.rotation), cfg)
+            im = im if upright else _orient(im, j.rotation)
+            by_size.setdefault(tuple(im.shape[-2:]), []).append((j, im))
+    for group in by_size.values():
+        resized = resize_crop_tensor(torch.stack([im for _, im in group]), cfg)
+        for (j, _), crop in zip(group, resized, strict=True):
+            crops[j.slot] = crop
     return crops, failed
 
 

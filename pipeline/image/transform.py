@@ -171,15 +171,19 @@ def resized_geometry(w: int, h: int, cfg: TransformConfig) -> tuple[int, int, in
 def resize_crop_tensor(
     im: torch.Tensor, cfg: TransformConfig, full_size: tuple[int, int] | None = None
 ) -> torch.Tensor:
-    """(3, H, W) uint8 → (3, crop, crop): bicubic with antialiasing (Pillow's filter, in torch's
-    vectorised uint8 kernel), geometry from `full_size` when `im` is a reduced decode of it."""
+    """(3, H, W) uint8 → (3, crop, crop), or a stack (N, 3, H, W) of images of one size → (N, 3,
+    crop, crop) in one call: bicubic with antialiasing (Pillow's filter, in torch's vectorised uint8
+    kernel), geometry from `full_size` when `im` is a reduced decode of it."""
     w, h = full_size or (im.shape[-1], im.shape[-2])
     new_w, new_h, left, top = resized_geometry(w, h, cfg)
     if needs_window((new_w, new_h), cfg.resize_size):  # a banner: only the crop is resized (resample.py)
-        return resize_window(im, (new_w, new_h), (left, top, cfg.crop_size, cfg.crop_size), cfg.interpolation)
+        box = (left, top, cfg.crop_size, cfg.crop_size)
+        if im.ndim == 4:
+            return torch.stack([resize_window(one, (new_w, new_h), box, cfg.interpolation) for one in im])
+        return resize_window(im, (new_w, new_h), box, cfg.interpolation)
     if (im.shape[-1], im.shape[-2]) != (new_w, new_h):
         im = F2.resize(im, [new_h, new_w], interpolation=INTERPOLATIONS[cfg.interpolation], antialias=True)
-    return im[:, top : top + cfg.crop_size, left : left + cfg.crop_size]
+    return im[..., top : top + cfg.crop_size, left : left + cfg.crop_size]
 
 
 class Normalizer:

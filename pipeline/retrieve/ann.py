@@ -153,6 +153,23 @@ def recall_at(fs: FeatureSet, queries: np.ndarray, found: np.ndarray, truth: Can
     return hits / total if total else 1.0
 
 
+def on_device(index, device: str, nprobe: int | None = None):
+    """The index cloned to this rank's GPU when faiss was built with GPU support (the faiss-gpu
+    extra) and the device is CUDA; else the index itself. Each rank uses its own device (the
+    number after cuda:). The search parameter is set on the clone (cloning does not carry it)."""
+    faiss = load_faiss()
+    if not device.startswith("cuda") or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return index
+    gpu = int(device.split(":", 1)[1]) if ":" in device else 0
+    resources = faiss.StandardGpuResources()
+    clone = faiss.index_cpu_to_gpu(resources, gpu % faiss.get_num_gpus(), index)
+    clone.referenced_objects = [resources]  # faiss's way to keep the resources alive with the clone
+    if nprobe is not None:
+        faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
+    log.info("faiss index on GPU %d", gpu)
+    return clone
+
+
 @dataclass(frozen=True)
 class IndexSearch:
     """A faiss index as a source of candidates, like ExactSearch (approximate: rows tied with the

@@ -319,7 +319,7 @@ def _searcher(
         "recall_sample": min(ann.TUNE_QUERIES, int(valid.sum())),
     }
     log.info("IVF index %s, nprobe %d: estimated recall@%d %.3f", choice.factory, nprobe, cfg.k, recall)
-    return ann.IndexSearch(index), extra
+    return ann.IndexSearch(ann.on_device(index, device, nprobe)), extra
 
 
 def plan_tag(plan: dict) -> str:
