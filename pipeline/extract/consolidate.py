@@ -45,7 +45,7 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
     dim = dims.pop() if dims else (run.dim or 0)
     staged: dict[str, str] = {}
     gone = manifest_removals(run)
-    digest = VectorDigest(rows, dim, previous_rows(out, names))
+    digest = VectorDigest(rows, dim, previous_rows(out))
     try:
         with tempfile.TemporaryDirectory(prefix="featpipe-consolidate-") as tmp:
             for name in (*names.all(), REMOVED_FILE):
@@ -171,7 +171,7 @@ class VectorDigest:
         commit_json(out.fs, out.join(DIGEST_FILE), {**record, "fingerprints": prefixes})
 
 
-def previous_rows(out: Location, names: OutputNames) -> int | None:
+def previous_rows(out: Location) -> int | None:
     """How many rows the consolidation before this one wrote, as its digest.json says."""
     try:
         return int(read_json(out.fs, out.join(DIGEST_FILE))["n"])

@@ -70,7 +70,7 @@ class ShardStream(IterableDataset):
         report = ShardReport()
         items: list[_Item] = []
         for raw in iter_shard(shard, report, self.read):
-            item, why = _decode(raw, self.transform, len(items))
+            item, why = _decode(raw, self.transform)
             if item is None:
                 report.errors.append(SampleError(shard.name, raw.key, raw.path, raw.index, why))
                 continue
@@ -105,7 +105,7 @@ class _Item:
     rotation: int = 1  # for a JPEG left for the device
 
 
-def _decode(raw: RawSample, cfg: TransformConfig, slot: int) -> tuple[_Item | None, str]:
+def _decode(raw: RawSample, cfg: TransformConfig) -> tuple[_Item | None, str]:
     if raw.error:
         return None, raw.error
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError, first_line
-from pipeline.outdir import CHUNKS, REMOVED_FILE, RUN_FILE, OutputNames, load_run
+from pipeline.outdir import CHUNKS, DIGEST_FILE, REMOVED_FILE, RUN_FILE, OutputNames, load_run
 from pipeline.storage import Location, local_copy, locate
 
 _HASH_BLOCK = 16 << 20
@@ -83,17 +83,12 @@ class FeatureSet:
         """digest.json's fingerprints by row count, when its stamp is the vector file's now."""
         if self.folder is None:
             return {}
-        from pipeline.outdir import DIGEST_FILE
-
         loc = locate(self.folder)
+        expected = (self.n, self.dim, OutputNames().numpy_features)
         try:
             record = json.loads(loc.fs.cat_file(loc.join(DIGEST_FILE)))
             fresh = record["stamp"] == loc.fs.ukey(loc.join(record["file"]))
-            if fresh and (record["n"], record["dim"], record["file"]) == (
-                self.n,
-                self.dim,
-                OutputNames().numpy_features,
-            ):
+            if fresh and (record["n"], record["dim"], record["file"]) == expected:
                 return dict(record["fingerprints"])
         except Exception:  # none (features from before it was written), unreadable, or the file gone
             pass
