@@ -137,6 +137,12 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-consolidate", action="store_true", help="only write chunks; run `featpipe consolidate OUT` later"
     )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="unit vectors in every output (chunks, fts.npy, fts.pth), as autofaiss and clip-retrieval "
+        "expect; without it the outputs are the original script's",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(run=_cmd_extract)
@@ -209,6 +215,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         consolidate=not args.no_consolidate,
         compile=args.compile,
         create_bucket=args.create_bucket,
+        normalize=args.normalize,
     )
     result = run_extract(cfg)
     print(summary(result.stats, args.out.rstrip("/"), cfg.names))

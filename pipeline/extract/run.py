@@ -67,8 +67,9 @@ class ExtractConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     barrier_timeout_s: float = dist.BARRIER_TIMEOUT_S
     consolidate: bool = True
-    compile: bool = False
-    create_bucket: bool = False  # torch.compile the model: a slow start, then faster batches
+    compile: bool = False  # torch.compile the model: a slow start, then faster batches
+    create_bucket: bool = False
+    normalize: bool = False  # unit vectors in every output (what autofaiss and clip-retrieval expect)
 
 
 @dataclass
@@ -213,9 +214,13 @@ def _make_run(
     cfg: ExtractConfig, precision: str, shards: list[ShardRef], dim: int, versions: dict[str, str]
 ) -> RunInfo:
     settings = {"model": cfg.model.fingerprint(), "transform": cfg.transform.fingerprint(), "precision": precision}
+    if cfg.normalize:  # only when asked: runs made before the flag keep their fingerprint (and resume)
+        settings["normalize"] = True
     # What a later `featpipe query` needs to embed a new image the same way (not part of the
     # fingerprint), and the library versions that made the vectors.
     source = {"model": cfg.model.source(), "transform": cfg.transform.fingerprint(), "precision": precision}
+    if cfg.normalize:  # a query's vector is normalised the same way
+        source["normalize"] = True
     extra = {"embedder": source, "preprocessing": cfg.transform.describe(), "versions": versions}
     return RunInfo(settings, [ShardEntry(s.name, s.url, s.expected, s.generation) for s in shards], dim, extra)
 
@@ -282,7 +287,7 @@ def _embed(
         for batch in timer.data(_loader(todo, cfg, device)):
             with timer.model():
                 images, keep = _on_device(batch, device, cfg.transform, committer.rows(batch.shard).errors)
-                feats = _queued(runner(images), len(keep)) if keep else None
+                feats = _queued(runner(images), len(keep), cfg.normalize) if keep else None
                 if previous is not None:
                     bar.update(_read_back(committer, *previous))
                 previous = (batch, keep, feats)
@@ -318,9 +323,16 @@ def _progress_bar(todo: list[ShardRef], cfg: ExtractConfig, ctx: dist.DistContex
     )
 
 
-def _queued(feats: torch.Tensor, batch: int) -> PendingFeatures:
+def _queued(feats: torch.Tensor, batch: int, normalize: bool) -> PendingFeatures:
     check_output(feats, batch)  # the shape only: no wait on the device
-    return PendingFeatures(feats)
+    return PendingFeatures(_unit_on_device(feats) if normalize else feats)
+
+
+def _unit_on_device(feats: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm on the device, in float32 whatever the model's output type
+    (bf16 norms are off by ~0.4%); an all-zero row stays zero, for the commit to record as such."""
+    x = feats.float()
+    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _read_back(committer: ChunkCommitter, batch: Batch, keep: list[int], feats: PendingFeatures | None) -> int:
