@@ -77,29 +77,3 @@ def test_verify_rehashes_the_recorded_fingerprint(tmp_path):
     (work / "out" / "digest.json").write_text(json.dumps(record))
     proc = run_cli("verify", work / "out", check=False)
     assert proc.returncode != 0 and "the first 5 rows' recorded fingerprint is not theirs" in proc.stdout + proc.stderr
-
-
-def test_extract_normalize_writes_unit_vectors_everywhere(tmp_path):
-    """--normalize (for autofaiss and clip-retrieval, which rank by inner product): chunks,
-    fts.pth and fts.npy hold unit vectors, the same directions as a plain run, and run.json says so;
-    a plain run's settings do not name it (its outputs stay the original script's)."""
-    import pyarrow.parquet as pq
-    import torch
-
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(5):
-        (src / f"a{i}.jpg").write_bytes(jpeg(i))
-    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
-    run_cli("extract", src, tmp_path / "plain", *model)
-    run_cli("extract", src, tmp_path / "unit", *model, "--normalize")
-    plain = torch.load(tmp_path / "plain" / "fts.pth", weights_only=True).double()
-    unit = torch.load(tmp_path / "unit" / "fts.pth", weights_only=True).double()
-    ones = torch.ones(5, dtype=torch.float64)
-    assert torch.allclose(unit.norm(dim=1), ones, atol=1e-6) and not torch.allclose(plain.norm(dim=1), ones, atol=1e-2)
-    assert torch.allclose(unit, plain / plain.norm(dim=1, keepdim=True), atol=1e-5)
-    assert np.allclose(np.linalg.norm(np.load(tmp_path / "unit" / "fts.npy").astype(np.float64), axis=1), 1, atol=2e-3)
-    chunk = pq.read_table(tmp_path / "unit" / "chunks").column("embedding").to_pylist()
-    assert np.allclose(np.linalg.norm(np.asarray(chunk), axis=1), 1, atol=1e-6)
-    settings = [json.loads((tmp_path / d / "run.json").read_text())["settings"] for d in ("plain", "unit")]
-    assert "normalize" not in settings[0] and settings[1]["normalize"] is True

@@ -20,6 +20,8 @@ log = logging.getLogger("featpipe")
 
 DEFAULT_GROUP_SIZE = 1000  # images per resumable chunk when SHARDS is a plain image folder
 
+TAR_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # a folder's shards (longest first: .tar.gz is not .gz)
+
 
 @dataclass(frozen=True)
 class ShardRef:
@@ -44,7 +46,7 @@ def resolve_shards(spec: str, group_size: int = DEFAULT_GROUP_SIZE) -> list[Shar
         if is_dir:
             refs = _from_folder(loc, spec, group_size)
         elif is_file:
-            is_tar = loc.path.endswith((".tar", ".tar.gz", ".tgz"))
+            is_tar = loc.path.endswith(TAR_EXTENSIONS)
             refs = _named([(spec, None)] if is_tar else [(u, None) for u in _read_list(loc)])
         else:
             raise UserError(f"shards not found: {spec}")
@@ -59,14 +61,14 @@ def _from_folder(loc: Location, spec: str, group_size: int) -> list[ShardRef]:
         m = read_json(loc.fs, manifest)
         refs = _named([(loc.url(loc.join(s["name"])), s["samples"]) for s in m["shards"]])
         return [replace(r, generation=s.get("generation", 0)) for r, s in zip(refs, m["shards"], strict=True)]
-    tars = sorted(loc.fs.glob(loc.join("*.tar")))
+    tars = sorted({p for ext in TAR_EXTENSIONS for p in loc.fs.glob(loc.join(f"*{ext}"))})
     if tars:
         return _named([(loc.url(p), None) for p in tars])
     try:
         refs = folder_as_shards(spec, group_size)
     except UserError:
         raise UserError(
-            f"no shards or images in {spec}: expected manifest.json, *.tar or image files "
+            f"no shards or images in {spec}: expected manifest.json, *.tar (.tar.gz, .tgz) or image files "
             "(run `featpipe pack` first, or point at a list file or brace pattern)"
         ) from None
     log.info(
@@ -116,7 +118,7 @@ def _named(entries: list[tuple[str, int | None]]) -> list[ShardRef]:
 
 def _stem(url: str) -> str:
     base = url.rstrip("/").rsplit("/", 1)[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
+    for ext in TAR_EXTENSIONS:
         if base.endswith(ext):
             return base[: -len(ext)]
     return base

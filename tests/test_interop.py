@@ -1,0 +1,65 @@
+"""What users of the LAION toolchain expect of extract (issue 30): unit vectors on request
+(autofaiss and clip-retrieval rank by inner product), and folders of gzipped shards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import ROOT, run_cli
+from conftest import noisy_photo as jpeg
+
+from pipeline import api
+
+HUB = str(ROOT / "pipeline" / "hub")
+
+
+def test_extract_normalize_writes_unit_vectors_everywhere(tmp_path):
+    """--normalize (for autofaiss and clip-retrieval, which rank by inner product): chunks,
+    fts.pth and fts.npy hold unit vectors, the same directions as a plain run, and run.json says so;
+    a plain run's settings do not name it (its outputs stay the original script's)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"a{i}.jpg").write_bytes(jpeg(i))
+    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
+    run_cli("extract", src, tmp_path / "plain", *model)
+    run_cli("extract", src, tmp_path / "unit", *model, "--normalize")
+    plain = torch.load(tmp_path / "plain" / "fts.pth", weights_only=True).double()
+    unit = torch.load(tmp_path / "unit" / "fts.pth", weights_only=True).double()
+    ones = torch.ones(5, dtype=torch.float64)
+    assert torch.allclose(unit.norm(dim=1), ones, atol=1e-6) and not torch.allclose(plain.norm(dim=1), ones, atol=1e-2)
+    assert torch.allclose(unit, plain / plain.norm(dim=1, keepdim=True), atol=1e-5)
+    assert np.allclose(np.linalg.norm(np.load(tmp_path / "unit" / "fts.npy").astype(np.float64), axis=1), 1, atol=2e-3)
+    chunk = pq.read_table(tmp_path / "unit" / "chunks").column("embedding").to_pylist()
+    assert np.allclose(np.linalg.norm(np.asarray(chunk), axis=1), 1, atol=1e-6)
+    settings = [json.loads((tmp_path / d / "run.json").read_text())["settings"] for d in ("plain", "unit")]
+    assert "normalize" not in settings[0] and settings[1]["normalize"] is True
+
+
+def test_a_folder_of_gzipped_shards_is_found_and_extracts_like_the_tars(tmp_path):
+    """A folder of .tar.gz / .tgz shards (no manifest) was "no shards": it is found like *.tar and
+    gives the features the plain tars give."""
+    import gzip
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"a{i}.jpg").write_bytes(jpeg(i))
+    api.pack(src, tmp_path / "shards", shard_size=2, progress=False)
+    tars, gz = tmp_path / "tars", tmp_path / "gz"
+    tars.mkdir()
+    gz.mkdir()
+    for i, tar in enumerate(sorted((tmp_path / "shards").glob("*.tar"))):
+        shutil.copy(tar, tars / tar.name)
+        (gz / (tar.stem + (".tar.gz" if i % 2 else ".tgz"))).write_bytes(gzip.compress(tar.read_bytes(), mtime=0))
+    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
+    run_cli("extract", tars, tmp_path / "from-tars", *model)
+    run_cli("extract", gz, tmp_path / "from-gz", *model)
+    assert (tmp_path / "from-gz" / "fts.npy").read_bytes() == (tmp_path / "from-tars" / "fts.npy").read_bytes()
+    names = json.loads((tmp_path / "from-gz" / "img_list.json").read_text())
+    assert len(names) == 6 and names == json.loads((tmp_path / "from-tars" / "img_list.json").read_text())
