@@ -1,8 +1,11 @@
-"""The shard format every stage agrees on: names, keys, and byte-for-byte reproducible tars."""
+"""The shard format every stage agrees on: names, keys, byte-for-byte reproducible tars, and reading
+their members back with where each one lies."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 SHARD_DIGITS = 6
@@ -58,3 +61,19 @@ def ustar_header(name: str, size: int) -> bytes:
     ).ljust(BLOCK, b"\x00")
     checksum = b"%06o\x00 " % sum(head)  # counted with the checksum field as spaces, as the format says
     return head[:148] + checksum + head[156:]
+
+
+def tar_members(stream, uncompressed: bool = True) -> Iterator[dict]:
+    """Regular members of a tar stream as {"fname", "data", "offset"}, by webdataset's rules (its
+    `__meta__` members skipped), plus where each member's bytes start in the file (`offset`; -1
+    for a compressed tar) so that a thumbnail can later read one image by its byte range."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            name = info.name
+            if not info.isreg() or not name or re.match(r"__[^/]*__($|/)", name):
+                continue
+            if "/" not in name and name.startswith("__") and name.endswith("__"):
+                continue
+            data = tar.extractfile(info).read()
+            yield {"fname": name, "data": data, "offset": info.offset_data if uncompressed else -1}
+            tar.members = []  # stream mode: nothing to keep

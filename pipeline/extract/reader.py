@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pipeline.extract.inputs import ShardRef
 from pipeline.image.header import IMAGE_EXTENSIONS
 from pipeline.names import clean_text
 from pipeline.readmany import ReadPolicy, read_many
-from pipeline.shardformat import sample_key
+from pipeline.shardformat import sample_key, tar_members
 from pipeline.storage import UNREADABLE, locate, open_stream
 
 log = logging.getLogger("featpipe")
@@ -107,22 +106,6 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
             time.sleep(read.backoff_s * 2 ** (attempt - 1))
     if report.failed is None and shard.expected is not None and report.read < shard.expected:
         report.failed = f"{shard.url}: ended after {report.read} of {shard.expected} samples"
-
-
-def tar_members(stream, uncompressed: bool = True) -> Iterator[dict]:
-    """Regular members of a tar stream as {"fname", "data", "offset"}, by webdataset's rules (its
-    `__meta__` members skipped), plus where each member's bytes start in the file (`offset`; -1
-    for a compressed tar) so that a thumbnail can later read one image by its byte range."""
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            name = info.name
-            if not info.isreg() or not name or re.match(r"__[^/]*__($|/)", name):
-                continue
-            if "/" not in name and name.startswith("__") and name.endswith("__"):
-                continue
-            data = tar.extractfile(info).read()
-            yield {"fname": name, "data": data, "offset": info.offset_data if uncompressed else -1}
-            tar.members = []  # stream mode: nothing to keep
 
 
 def _group(members: Iterator[dict]) -> Iterator[dict]:

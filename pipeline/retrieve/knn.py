@@ -198,13 +198,19 @@ class ExactSearch:
         """The queries on the device in blocks whose score matrix fits it (`device_query_rows`)."""
         import torch
 
-        dtype = torch.float16 if self.half else torch.float32
-        elem = 2 if self.half else 4
+        dtype = self._dtype
+        elem = dtype.itemsize
         db = self._db(start, stop, ids)
         held = sum(t.numel() for t in self._resident.values()) * elem + (0 if self._resident else db.numel() * elem)
         rows = device_query_rows(len(ids), held + queries.nbytes, _free(self.device), elem)
         for q0 in range(0, len(queries), rows):
             yield torch.from_numpy(queries[q0 : q0 + rows]).to(self.device, dtype), q0
+
+    @property
+    def _dtype(self):
+        import torch
+
+        return torch.float16 if self.half else torch.float32
 
     def _db(self, start: int, stop: int, ids: np.ndarray):
         """A database tile on the device: all of them stay there when they fit half its free memory."""
@@ -214,8 +220,7 @@ class ExactSearch:
         if db is None and self._last[0] == start:
             db = self._last[1]
         if db is None:
-            dtype = torch.float16 if self.half else torch.float32
-            db = torch.from_numpy(normalize(self.fs.read(start, stop)[ids - start])).to(self.device, dtype)
+            db = torch.from_numpy(normalize(self.fs.read(start, stop)[ids - start])).to(self.device, self._dtype)
             if self.fs.n * self.fs.dim * 2 < _gpu_room(self.device):
                 self._resident[start] = db
             self._last = (start, db)
@@ -233,12 +238,7 @@ def _free(device: str) -> int:
 
 def _gpu_room(device: str) -> int:
     """Bytes of GPU memory the resident database may take: half of what is free now."""
-    import torch
-
-    if not device.startswith("cuda"):
-        return 0
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return free // 2
+    return _free(device) // 2 if device.startswith("cuda") else 0
 
 
 def _merge(

@@ -22,6 +22,7 @@ from pipeline.outdir import load_run
 from pipeline.readmany import read_many
 from pipeline.retrieve.features import FeatureSet, features_exist, open_features
 from pipeline.retrieve.knn import NO_MATCH
+from pipeline.shardformat import tar_members
 from pipeline.storage import commit_bytes, ensure_writable, locate, open_stream, read_valid_json
 
 PER_PAGE = 25  # queries or groups per page: 25 × 11 thumbnails of 128 px are ~1 MB
@@ -186,14 +187,14 @@ class Thumbnails:
         return found
 
     def _from_tar(self, url: str, keys: dict[str, int]) -> dict[int, bytes]:
-        from webdataset.tariterators import base_plus_ext, tar_file_iterator
+        from webdataset.tariterators import base_plus_ext
 
         from pipeline.image.header import IMAGE_EXTENSIONS
 
         found: dict[int, bytes] = {}
         try:
             with open_stream(url) as stream:
-                for member in tar_file_iterator(stream):
+                for member in tar_members(stream):
                     key, ext = base_plus_ext(member["fname"])
                     if key in keys and ext and ext.lower() in IMAGE_EXTENSIONS:
                         found[keys[key]] = self._encode(member["data"])
