@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -83,10 +84,19 @@ def write_chunk(out: Location, rows: ShardRows) -> None:
 
 def read_chunk(out: Location, shard: str) -> pa.Table:
     with out.fs.open(chunk_path(out, shard), "rb") as f:
-        # No Arrow thread pool: its threads, once started, sometimes abort the process at exit
-        # ("terminate called without an active exception", apache/arrow#34314): 2 in 40 runs of
-        # `featpipe verify` here, 0 in 80 without. A chunk is one shard: threads gain nothing.
-        return pq.read_table(f, use_threads=False)
+        return read_parquet(f)
+
+
+def read_parquet(f: BinaryIO, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file read from a Python file object without Arrow's thread pools. With them, a
+    pool thread still finishing a read-ahead (`pre_buffer`, on by default in `read_table`) when the
+    interpreter shuts down takes the GIL, is killed by Python and aborts the process ("terminate
+    called without an active exception", apache/arrow#34314; gdb shows arrow::py::PyBuffer's
+    destructor in an IO-pool thread): `featpipe index` exited -6 in 21 of 120 runs on 2 loaded
+    cores with `use_threads=False` alone, 0 of 120 with `pre_buffer=False` too (`read_table`'s and
+    `ParquetFile`'s default is True: every reader passes False, tests/test_structure.py checks).
+    One file is small here (a shard's chunk, an index's ids): threads gain nothing."""
+    return pq.read_table(f, columns=columns, use_threads=False, pre_buffer=False)
 
 
 def unreadable(out: Location, shards: list[str]) -> set[str]:

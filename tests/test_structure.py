@@ -70,6 +70,30 @@ def test_no_import_cycle_in_the_package():
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
 
 
+def parquet_reads_with_read_ahead() -> list[str]:
+    """Calls that open Parquet (`read_table`, `ParquetFile`) without `pre_buffer=False`: Arrow's
+    read-ahead threads can abort the process at exit (see pipeline/chunks.py read_parquet)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("read_table", "ParquetFile", "ParquetDataset"):
+                continue
+            off = any(
+                k.arg == "pre_buffer" and isinstance(k.value, ast.Constant) and k.value.value is False
+                for k in node.keywords
+            )
+            if not off:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_every_parquet_reader_turns_read_ahead_off():
+    assert parquet_reads_with_read_ahead() == []
+    assert (PACKAGE / "chunks.py").read_text().count("pre_buffer=False") >= 1
+
+
 def test_pack_command_does_not_load_torch():
     code = (
         "import sys; from pipeline.cli import build_parser; import pipeline.pack.packer; print('torch' in sys.modules)"

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.chunks import read_parquet
 from pipeline.listing import SourceFile
 from pipeline.storage import Location, commit_bytes, locate
 
@@ -215,7 +216,7 @@ def read_identity(dest: Location) -> Identity | None:
 
 def read(dest: Location) -> Inventory:
     with dest.fs.open(dest.join(LISTING), "rb") as f:
-        table = pq.read_table(f, use_threads=False)  # Arrow's pool can abort at interpreter exit
+        table = read_parquet(f)
     meta = _meta(table.schema)
     problem = table.column("problem").combine_chunks()
     ok = pc.is_null(problem)

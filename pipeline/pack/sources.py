@@ -192,7 +192,7 @@ def _csv_table(spec: SourceSpec, data: bytes, fmt: str) -> pa.Table:
 
 def _parquet_table(spec: SourceSpec, data: bytes) -> pa.Table:
     try:
-        pf = pq.ParquetFile(io.BytesIO(data))
+        pf = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)  # see chunks.read_parquet
         with_size = _columns_or_fail(spec, pf.schema_arrow.names)
         wanted = [spec.path_column] + ([spec.size_column] if with_size else [])
         table = pf.read(columns=wanted, use_threads=False)

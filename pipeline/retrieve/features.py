@@ -198,7 +198,7 @@ class FeatureSet:
             if not read_done(out, shard).rows:
                 continue
             with out.fs.open(out.join(CHUNKS, f"{shard}.parquet"), "rb") as f:
-                chunk = pq.ParquetFile(f)
+                chunk = pq.ParquetFile(f, pre_buffer=False)  # see chunks.read_parquet
                 names = [
                     c for c in ("key", "shard", "width", "height", "offset", "length") if c in chunk.schema_arrow.names
                 ]

@@ -101,10 +101,10 @@ class Target:
     def ids(self) -> tuple[list, list]:
         """(keys, paths) by row."""
         if self.meta:
-            import pyarrow.parquet as pq
+            from pipeline.chunks import read_parquet
 
             with self.loc.fs.open(self.loc.join(IDS_FILE), "rb") as f:
-                t = pq.read_table(f, use_threads=False)
+                t = read_parquet(f)
             return t.column("key").to_pylist(), t.column("path").to_pylist()
         fs = self.features
         return fs.keys or [None] * fs.n, fs.paths or [None] * fs.n
