@@ -231,7 +231,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         update=args.update,
     )
     meta = build_index(cfg)
-    print(summary(meta, args.index))
+    if meta is not None:  # None on the ranks other than 0 of a build under torchrun
+        print(summary(meta, args.index))
     return EXIT_OK
 
 

@@ -11,15 +11,15 @@ raised until recall@10 on 1,000 sampled queries against exact search reaches 0.9
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline import __version__, dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.outdir import load_run
-from pipeline.retrieve import ann, load_faiss
+from pipeline.retrieve import ann, bigindex, load_faiss
 from pipeline.retrieve.features import FeatureSet, open_features, removed_count, require_vectors
 from pipeline.retrieve.knn import normalize, plan_tiles, valid_rows
 from pipeline.storage import commit_file, commit_json, ensure_writable, local_copy, locate, read_json, staging_file
@@ -50,35 +50,77 @@ class IndexConfig:
 RETRAIN_GROWTH = 4
 
 
-def choose_key(n: int, dim: int, budget: int) -> str:
+@dataclass(frozen=True)
+class Layout:
+    key: str
+    why: str
+    plan: bigindex.Plan | None = None  # a compressed index built in parts (bigindex.py)
+
+
+def choose_layout(n: int, dim: int, budget: int) -> Layout:
     if n < FLAT_BELOW:
-        return "Flat"
+        return Layout("Flat", f"under {FLAT_BELOW} vectors: exact search")
     vectors = n * dim * 4
     if n <= HNSW_UP_TO and vectors + n * HNSW_M * 2 * 4 <= budget // 2:
-        return f"HNSW{HNSW_M},Flat"
-    return ann.choose(n, dim, budget).factory
+        return Layout(f"HNSW{HNSW_M},Flat", "the vectors and the graph fit half the budget")
+    if n * (dim + bigindex.ID_BYTES) <= budget // 2:
+        choice = ann.choose(n, dim, budget)
+        return Layout(choice.factory, f"{'full vectors' if choice.code == 'Flat' else '8-bit codes'} fit the budget")
+    p = bigindex.plan(n, dim, budget)
+    return Layout(p.key, p.why, p)
 
 
-def build_index(cfg: IndexConfig) -> dict:
+def build_index(cfg: IndexConfig) -> dict | None:
+    """The index, built and tuned; index.json's record on rank 0 (None on the other ranks, which
+    add their parts of a compressed build under torchrun and stop)."""
     fs = open_features(cfg.features)
     require_vectors(fs)
     if cfg.update:
         return update_index(cfg, fs)
-    key = choose_key(fs.n, fs.dim, cfg.memory_budget) if cfg.index_key == "auto" else cfg.index_key
+    if cfg.index_key == "auto":
+        layout = choose_layout(fs.n, fs.dim, cfg.memory_budget)
+    else:
+        layout = Layout(cfg.index_key, "--index-key")
     tiling = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget)
     out = locate(cfg.index)
     if out.fs.exists(out.join(META_FILE)) and not cfg.overwrite:
         raise UserError(f"{out.url()} already holds an index; use --overwrite to replace it, or another INDEX")
     ensure_writable(out)
-    valid = valid_rows(fs, tiling.db_rows)
+    ctx = dist.DistContext.from_env()
+    dist.init(ctx, "cpu", dist.BARRIER_TIMEOUT_S)
     try:
-        index = ann.build(fs, valid, key, tiling.db_rows, cfg.progress)
+        valid = valid_rows(fs, tiling.db_rows)
+        index, parted = _build(fs, valid, layout, out, cfg, ctx, INDEX_FILE)
+        if index is None:
+            return None
+        tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key)
+        log.info("index tuned: %s, recall@10 %.3f", _tuned_text(tuned), tuned.recall)
+        extra = {"trained_on": fs.n, "removed_held": 0}
+        _save(out, index, fs, layout, tuned, extra)
+        if parted is not None:
+            parted.clean()
+        return read_json(out.fs, out.join(META_FILE))
+    finally:
+        dist.shutdown(ctx)
+
+
+def _build(fs: FeatureSet, valid: np.ndarray, layout: Layout, out, cfg: IndexConfig, ctx, name: str):
+    """(index, the parted build to clean up once saved) on rank 0; (None, None) on other ranks."""
+    if layout.plan is not None:
+        parted = bigindex.PartedBuild(fs, valid, layout.plan, out, cfg.progress)
+        return parted.run(ctx, name), parted
+    if not ctx.is_main:
+        return None, None
+    block = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget).db_rows
+    try:
+        return ann.build(fs, valid, layout.key, block, cfg.progress), None
     except UserError as exc:
         raise UserError(f"--index-key {exc}") from None
-    param, value, recall = ann.tune(index, fs, valid, tiling, 10)
-    log.info("index tuned: %s, recall@10 %.3f", f"{param} {value}" if param else "exact", recall)
-    _save(out, index, fs, key, param, value, recall, {"trained_on": fs.n, "removed_held": 0})
-    return read_json(out.fs, out.join(META_FILE))
+
+
+def _tuned_text(tuned: ann.Tuning) -> str:
+    text = f"{tuned.param} {tuned.value}" if tuned.param else "exact"
+    return text + (f", {tuned.factor}× candidates re-ranked" if tuned.factor > 1 else "")
 
 
 def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
@@ -101,9 +143,12 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
     tiling = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget)
     valid = valid_rows(fs, tiling.db_rows)
     trained_on = meta.get("trained_on", n0)
+    name = f"index.{meta.get('updates', 0) + 1}.faiss"
     why = None
     if "IVF" in key and fs.n >= RETRAIN_GROWTH * trained_on:
         why = f"N grew from {trained_on} to {fs.n} since its lists were trained"
+    elif meta.get("storage") == "ondisk":
+        why = "its inverted lists are on disk, shared with the index being served: rebuilt in parts beside them"
     else:
         path = out.join(meta.get("file", INDEX_FILE))
         index = faiss.read_index(path if out.is_local else local_copy(out.fs, path))
@@ -114,18 +159,24 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
             rows = added[start : start + tiling.db_rows]
             index.add_with_ids(normalize(fs.take(rows)), rows.astype(np.int64))
         ann.set_search_parameter(index, meta["search_parameter"], meta["value"])
-        param, value, recall = ann.tune(index, fs, valid, tiling, 10)
-        if recall < ann.RECALL_TARGET and param == "nprobe":
-            why = f"its recall@10 fell to {recall:.3f} with every list probed"
+        tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in key)
+        if tuned.recall < ann.RECALL_TARGET and tuned.param == "nprobe":
+            why = f"its recall@10 fell to {tuned.recall:.3f} with every list probed"
+    layout = Layout(key, meta.get("why", "--index-key"))
+    parted = None
     if why:
         log.info("index --update: rebuilding, %s", why)
-        index = ann.build(fs, valid, key, tiling.db_rows, cfg.progress)
-        param, value, recall = ann.tune(index, fs, valid, tiling, 10)
+        if "plan" in meta:  # chosen under the budget: chosen again for the new N
+            layout = choose_layout(fs.n, fs.dim, cfg.memory_budget)
+        index, parted = _build(fs, valid, layout, out, cfg, dist.DistContext(), name)
+        tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key)
         trained_on, held = fs.n, 0
     else:
         log.info("index --update: %d rows added, %d rows removed since", len(added), since)
     extra = {"trained_on": trained_on, "removed_held": held, "updates": meta.get("updates", 0) + 1}
-    _save(out, index, fs, key, param, value, recall, extra)
+    _save(out, index, fs, layout, tuned, extra)
+    if parted is not None:
+        parted.clean()
     return read_json(out.fs, out.join(META_FILE))
 
 
@@ -141,16 +192,7 @@ def _remove(index, removed: np.ndarray) -> bool:
     return True
 
 
-def _save(
-    out,
-    index,
-    fs: FeatureSet,
-    key: str,
-    param: str | None,
-    value: int | None,
-    recall: float,
-    extra: dict,
-) -> None:
+def _save(out, index, fs: FeatureSet, layout: Layout, tuned: ann.Tuning, extra: dict) -> None:
     faiss = load_faiss()
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -161,6 +203,7 @@ def _save(
     name = f"index.{updates}.faiss" if updates else INDEX_FILE
     before = read_json(out.fs, out.join(META_FILE)).get("file", INDEX_FILE) if updates else None
     staged = staging_file(out.fs, out.join(name))
+    bigindex.relative_lists(index)
     faiss.write_index(index, staged)
     commit_file(out.fs, staged, out.join(name))
     crash_point("index-written")  # test-only: the new index file written, index.json still the old one
@@ -180,13 +223,17 @@ def _save(
         out.join(META_FILE),
         {
             "featpipe_version": __version__,
-            "index_key": key,
+            "index_key": layout.key,
+            "why": layout.why,
+            "plan": asdict(layout.plan) if layout.plan else None,
+            "storage": "ondisk" if layout.plan and layout.plan.ondisk else "memory",
             "n": fs.n,
             "dim": fs.dim,
             "metric": "inner product of L2-normalised vectors (cosine)",
-            "search_parameter": param,
-            "value": value,
-            "estimated_recall_at_10": round(recall, 4),
+            "search_parameter": tuned.param,
+            "value": tuned.value,
+            "rerank_factor": tuned.factor,
+            "estimated_recall_at_10": round(tuned.recall, 4),
             "features": fs.where,
             "features_fingerprint": fs.fingerprint,
             "embedder": embedder,
@@ -196,8 +243,9 @@ def _save(
             **extra,
         },
     )
-    if before and before != name and out.fs.exists(out.join(before)):
-        out.fs.rm_file(out.join(before))
+    for old in (before, before and bigindex.ivfdata_name(before)):
+        if old and old != name and out.fs.exists(out.join(old)):
+            out.fs.rm_file(out.join(old))
 
 
 def _generation(fs: FeatureSet) -> int | None:
@@ -209,6 +257,10 @@ def _generation(fs: FeatureSet) -> int | None:
 
 def summary(meta: dict, index: str) -> str:
     tuned = f", {meta['search_parameter']} {meta['value']}" if meta["search_parameter"] else ""
+    if meta.get("rerank_factor", 1) > 1:
+        tuned += f", {meta['rerank_factor']}× candidates re-ranked exactly"
+    if meta.get("storage") == "ondisk":
+        tuned += ", lists on disk"
     return (
         f"{meta['index_key']} index of {meta['n']} × {meta['dim']} vectors{tuned}, estimated recall@10 "
         f"{meta['estimated_recall_at_10']} → {index}"

@@ -300,7 +300,8 @@ def _searcher(
     t = time.perf_counter()
     if ctx.is_main:  # one index for every rank: built once, read by the others
         index = ann.build(fs, valid, choice.factory, tiling.db_rows)
-        _, nprobe, recall = ann.tune(index, fs, valid, tiling, cfg.k)
+        tuned = ann.tune(index, fs, valid, tiling, cfg.k)
+        nprobe, recall = tuned.value, tuned.recall
         commit_bytes(out.fs, path, faiss.serialize_index(index).tobytes())
         commit_json(out.fs, out.join(INDEX_FILE + ".json"), {"nprobe": nprobe, "recall": recall})
     dist.barrier(ctx)

@@ -18,6 +18,7 @@ from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import REMOVED_FILE, OutputNames, load_run
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
+from pipeline.retrieve.bigindex import read_for_search
 from pipeline.retrieve.features import features_exist, open_features, removed_count, require_vectors
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import (
@@ -125,11 +126,15 @@ class Target:
 
     @cached_property
     def _index(self):
-        faiss = load_faiss()
-
         path = self.loc.join(self.meta.get("file", INDEX_FILE))
+        if not self.loc.is_local and self.meta.get("storage") == "ondisk":
+            raise UserError(
+                f"{self.spec}: an index with its lists on disk is served from a local folder; copy it there"
+            )
+        if not self.loc.is_local:
+            path = local_copy(self.loc.fs, path)
         try:
-            index = faiss.read_index(path if self.loc.is_local else local_copy(self.loc.fs, path))
+            index = read_for_search(path, self.meta)
         except RuntimeError as exc:
             raise UserError(
                 f"{self.loc.url(path)} is not a readable faiss index ({faiss_message(exc)}); "
@@ -156,6 +161,7 @@ class Target:
         count = k + CANDIDATE_MARGIN
         exact = None
         if self.meta:
+            count = max(count, k * self.meta.get("rerank_factor", 1))  # lossy codes: re-ranked exactly
             gone = self._gone_in_index
             cand = IndexSearch(self._index).candidates(normalize(queries), count + gone)
             if gone:  # rows removed from the source that the index holds: asked for, then dropped

@@ -1,0 +1,244 @@
+"""Indexes past one machine's memory: product-quantised IVF codes chosen under the memory budget,
+built in parts (fixed blocks of rows, so the bytes do not depend on how many ranks built them),
+merged in RAM or into inverted lists on disk (faiss's OnDiskInvertedLists), and opened
+memory-mapped to serve. Codes are lossy: every score featpipe returns is re-computed exactly from
+FEATURES over k × factor candidates (query.py), and tuning raises nprobe and that factor together
+(ann.tune) until recall@10 after re-ranking reaches the target.
+
+A build keeps in memory the coarse quantizer, one part's codes and one block of vectors; the
+merged codes too when they fit the budget, else they stay on disk. Under torchrun rank 0 trains,
+every rank adds the parts numbered rank, rank + world, …, and rank 0 merges. Parts are committed
+one by one: a killed build reruns only the parts it had not committed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline import dist
+from pipeline.errors import UserError
+from pipeline.faults import crash_point
+from pipeline.retrieve import load_faiss
+from pipeline.retrieve.ann import SEED, faiss_message, train_sample
+from pipeline.retrieve.features import FeatureSet
+from pipeline.retrieve.knn import normalize
+from pipeline.storage import Location, commit_file, commit_json, local_copy, read_json, staging_file
+
+log = logging.getLogger("featpipe")
+
+PARTS = "parts"
+BUILD_FILE = "build.json"
+TRAINED_FILE = "trained.faiss"
+ID_BYTES = 8  # faiss keeps an int64 id beside each code
+PQ_TRAIN_MIN = 256 * 39  # 8-bit PQ: 256 centroids per sub-quantizer, faiss wants 39 points each
+HNSW_COARSE_FROM = 4096  # lists from which assigning a vector by a flat scan of centroids costs more than HNSW
+PART_SHARE = 8  # one part's codes and one block of vectors each take at most budget / PART_SHARE
+SAFETY = 0.8  # of the budget for what stays resident: the rest is Python, numpy and faiss's own
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compressed IVF layout for N × D vectors under a memory budget, and why."""
+
+    nlist: int
+    m: int  # bytes of PQ code per vector (D / m dimensions per sub-quantizer)
+    ondisk: bool
+    part_rows: int
+    train_rows: int
+    why: str
+
+    @property
+    def key(self) -> str:
+        coarse = f"IVF{self.nlist}_HNSW32" if self.nlist >= HNSW_COARSE_FROM else f"IVF{self.nlist}"
+        # np: no polysemous training (it serves Hamming-filtered search, which featpipe does not
+        # use, and took 10× the training time: 24.7 s against 2.4 s for 10k × 64 on 2 cores)
+        return f"{coarse},PQ{self.m}x8np"
+
+
+def _pow2(x: float) -> int:
+    return 1 << max(0, int(np.floor(np.log2(max(x, 1)))))
+
+
+def plan(n: int, dim: int, budget: int) -> Plan:
+    """nlist ≈ 4·√N (autofaiss's lower end: training cost grows with it) with 39–64 training
+    points per list, the training sample within a quarter of the budget; then the largest code
+    (m dividing D, at most D/2 bytes) whose codes and ids fit the budget beside the quantizer;
+    when none does, the lists go to disk with D/4-byte codes and RAM holds the quantizer."""
+    train_cap = max(PQ_TRAIN_MIN, budget // 4 // (dim * 4))
+    nlist = max(16, min(_pow2(4 * np.sqrt(n)), 65536, _pow2(n // 64)))
+    train_rows = min(n, max(64 * nlist, PQ_TRAIN_MIN), train_cap)
+    nlist = max(1, min(nlist, _pow2(train_rows // 39)))
+    quantizer = nlist * dim * 4 + (nlist * 64 * 4 if nlist >= HNSW_COARSE_FROM else 0)
+    room = int(budget * SAFETY) - quantizer
+    divisors = [m for m in range(max(1, dim // 2), 0, -1) if dim % m == 0]
+    fitting = [m for m in divisors if n * (m + ID_BYTES) <= room]
+    if fitting:
+        m, ondisk = fitting[0], False
+        why = f"{n} × {m}-byte codes + ids ({_gb(n * (m + ID_BYTES))}) fit the {_gb(budget)} budget"
+    else:
+        m, ondisk = next(m for m in divisors if m <= max(1, dim // 4)), True
+        why = (
+            f"even {divisors[-1]}-byte codes + ids ({_gb(n * (divisors[-1] + ID_BYTES))}) exceed the "
+            f"{_gb(budget)} budget: inverted lists on disk, memory-mapped"
+        )
+    part_rows = max(1024, budget // PART_SHARE // (m + ID_BYTES + dim * 4) // 1024 * 1024)
+    return Plan(nlist, m, ondisk, min(part_rows, max(n, 1)), train_rows, why)
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.3g} GB" if size >= 1e8 else f"{size / 1e6:.3g} MB"
+
+
+def ivfdata_name(index_file: str) -> str:
+    return index_file.rsplit(".faiss", 1)[0] + ".ivfdata"
+
+
+class PartedBuild:
+    """One build of a planned compressed index into INDEX (see the module's docstring)."""
+
+    def __init__(self, fs: FeatureSet, valid: np.ndarray, p: Plan, out: Location, progress: bool = False):
+        self.fs, self.valid, self.plan, self.out, self.progress = fs, valid, p, out, progress
+        self.record = {"features": fs.fingerprint, "n": fs.n, "dim": fs.dim, "key": p.key, **asdict(p)}
+        self.parts = list(range(0, fs.n, p.part_rows))
+
+    def run(self, ctx: dist.DistContext, index_file: str):
+        """The merged index on rank 0 (None on the others): trained, parts added, merged."""
+        dist.from_main(ctx, self._prepare)
+        dist.from_main(ctx, self._train, share=lambda _: None)
+        trained = self._read(TRAINED_FILE)
+        for number, start in enumerate(self.parts):
+            if number % ctx.world == ctx.rank and not self.out.fs.exists(self._part(number)):
+                self._add_part(trained, number, start)
+                crash_point("index-part", ctx.rank)  # test-only: a part committed, the build not done
+        dist.barrier(ctx)
+        return self._merge(index_file) if ctx.is_main else None
+
+    def _prepare(self) -> None:
+        """Keep committed parts only when they were made for this very build."""
+        folder, record = self.out.join(PARTS), self.out.join(PARTS, BUILD_FILE)
+        if self.out.fs.exists(record) and read_json(self.out.fs, record) == self.record:
+            log.info("index: resuming, %d of %d parts done", self._done(), len(self.parts))
+            return
+        if self.out.fs.exists(folder):
+            self.out.fs.rm(folder, recursive=True)
+        commit_json(self.out.fs, record, self.record)
+
+    def _done(self) -> int:
+        return sum(self.out.fs.exists(self._part(i)) for i in range(len(self.parts)))
+
+    def _train(self) -> None:
+        if self.out.fs.exists(self.out.join(PARTS, TRAINED_FILE)):
+            return
+        faiss = load_faiss()
+        index = faiss.index_factory(self.fs.dim, self.plan.key, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = SEED
+        rows = train_sample(np.flatnonzero(self.valid), max(1, self.plan.train_rows // 64))
+        threads = faiss.omp_get_max_threads()
+        if self.plan.nlist >= HNSW_COARSE_FROM:  # an HNSW graph built by several threads differs run to run
+            faiss.omp_set_num_threads(1)
+        try:
+            index.train(normalize(self.fs.take(rows)))
+        except RuntimeError as exc:
+            raise UserError(
+                f"{self.plan.key!r}: faiss cannot train it on these vectors: {faiss_message(exc)}"
+            ) from None
+        finally:
+            faiss.omp_set_num_threads(threads)
+        self._write(index, TRAINED_FILE)
+
+    def _add_part(self, trained, number: int, start: int) -> None:
+        """Rows [start, start + part_rows) into a copy of the trained index: one read of the
+        vectors (part_rows is sized so that it and the part's codes fit a share of the budget)."""
+        faiss = load_faiss()
+        part = faiss.clone_index(trained)
+        stop = min(start + self.plan.part_rows, self.fs.n)
+        ids = np.flatnonzero(self.valid[start:stop]) + start
+        if len(ids):
+            part.add_with_ids(normalize(self.fs.read(start, stop)[ids - start]), ids.astype(np.int64))
+        self._write(part, f"part-{number:06d}.faiss")
+
+    def _merge(self, index_file: str):
+        faiss = load_faiss()
+        index = self._read(TRAINED_FILE)
+        names = [self._local(self._part(i)) for i in range(len(self.parts))]
+        if self.plan.ondisk:
+            if not self.out.is_local:
+                raise UserError(f"{self.out.url()}: an index with its lists on disk must be built in a local folder")
+            from faiss.contrib.ondisk import merge_ondisk
+
+            final = self.out.join(ivfdata_name(index_file))
+            staged = staging_file(self.out.fs, final)
+            os.remove(staged)  # OnDiskInvertedLists creates it
+            merge_ondisk(index, names, staged)
+            os.replace(staged, final)  # the lists stay mapped; they are named by the final name
+            faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = final
+        else:
+            for name in names:
+                index.merge_from(faiss.read_index(name), 0)
+        log.info("index: %d parts merged (%s)", len(names), "lists on disk" if self.plan.ondisk else "in memory")
+        return index
+
+    def _part(self, number: int) -> str:
+        return self.out.join(PARTS, f"part-{number:06d}.faiss")
+
+    def _local(self, path: str) -> str:
+        return path if self.out.is_local else local_copy(self.out.fs, path)
+
+    def _read(self, name: str):
+        return load_faiss().read_index(self._local(self.out.join(PARTS, name)))
+
+    def _write(self, index, name: str) -> None:
+        final = self.out.join(PARTS, name)
+        staged = staging_file(self.out.fs, final)
+        load_faiss().write_index(index, staged)
+        commit_file(self.out.fs, staged, final)
+
+    def clean(self) -> None:
+        """The parts, once the merged index is committed."""
+        if self.out.fs.exists(self.out.join(PARTS)):
+            self.out.fs.rm(self.out.join(PARTS), recursive=True)
+
+
+def relative_lists(index) -> None:
+    """An on-disk index names its lists file by the name alone: it opens from any folder it is
+    copied to (IO_FLAG_ONDISK_SAME_DIR) and two builds write the same bytes."""
+    faiss = load_faiss()
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if isinstance(lists, faiss.OnDiskInvertedLists):
+        lists.filename = os.path.basename(lists.filename)
+
+
+def read_for_search(path: str, meta: dict):
+    """The index at `path` opened to serve (flags below). faiss prints a line on stdout when it
+    resolves an on-disk index's lists next to it ("IO_FLAG_ONDISK_SAME_DIR: updating ondisk
+    filename …"): that would corrupt `featpipe query --json`, so stdout is shut for the call."""
+    faiss = load_faiss()
+    flags = open_flags(meta)
+    if not flags & faiss.IO_FLAG_ONDISK_SAME_DIR:
+        return faiss.read_index(path, flags)
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        return faiss.read_index(path, flags)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def open_flags(meta: dict) -> int:
+    """How a query process opens an index: an IVF's lists memory-mapped (on disk: its .ivfdata, in
+    RAM layout: the index file itself), read-only; a flat or HNSW index is read whole."""
+    faiss = load_faiss()
+    if meta.get("storage") == "ondisk":
+        return faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    if "IVF" in meta["index_key"]:
+        return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    return 0
