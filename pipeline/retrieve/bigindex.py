@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -174,7 +175,8 @@ class PartedBuild:
             final = self.out.join(ivfdata_name(index_file))
             staged = staging_file(self.out.fs, final)
             os.remove(staged)  # OnDiskInvertedLists creates it
-            merge_ondisk(index, names, staged)
+            with quiet_stdout():
+                merge_ondisk(index, names, staged)
             os.replace(staged, final)  # the lists stay mapped; they are named by the final name
             faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = final
         else:
@@ -215,18 +217,22 @@ def relative_lists(index) -> None:
 
 
 def read_for_search(path: str, meta: dict):
-    """The index at `path` opened to serve (flags below). faiss prints a line on stdout when it
-    resolves an on-disk index's lists next to it ("IO_FLAG_ONDISK_SAME_DIR: updating ondisk
-    filename …"): that would corrupt `featpipe query --json`, so stdout is shut for the call."""
+    """The index at `path` opened to serve (flags below)."""
     faiss = load_faiss()
-    flags = open_flags(meta)
-    if not flags & faiss.IO_FLAG_ONDISK_SAME_DIR:
-        return faiss.read_index(path, flags)
+    with quiet_stdout():
+        return faiss.read_index(path, open_flags(meta))
+
+
+@contextmanager
+def quiet_stdout():
+    """faiss prints on stdout when it resizes on-disk lists ("resizing … to N bytes") and when it
+    finds them next to their index ("IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename …"): that
+    would corrupt `featpipe query --json` and the one line `index` prints, so stdout is shut."""
     sys.stdout.flush()
     saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 1)
-        return faiss.read_index(path, flags)
+        yield
     finally:
         os.dup2(saved, 1)
         os.close(saved)

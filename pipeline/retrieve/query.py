@@ -161,7 +161,9 @@ class Target:
         count = k + CANDIDATE_MARGIN
         exact = None
         if self.meta:
-            count = max(count, k * self.meta.get("rerank_factor", 1))  # lossy codes: re-ranked exactly
+            # lossy codes: re-ranked exactly, at least as many candidates as the tuning measured (k = 10)
+            if self.meta.get("rerank_factor", 1) > 1:
+                count = max(count, max(k, 10) * self.meta["rerank_factor"])
             gone = self._gone_in_index
             cand = IndexSearch(self._index).candidates(normalize(queries), count + gone)
             if gone:  # rows removed from the source that the index holds: asked for, then dropped
