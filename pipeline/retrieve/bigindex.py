@@ -210,8 +210,8 @@ def relative_lists(index) -> None:
     """An on-disk index names its lists file by the name alone: it opens from any folder it is
     copied to (IO_FLAG_ONDISK_SAME_DIR) and two builds write the same bytes."""
     faiss = load_faiss()
-    ivf = faiss.extract_index_ivf(index)
-    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
     if isinstance(lists, faiss.OnDiskInvertedLists):
         lists.filename = os.path.basename(lists.filename)
 
