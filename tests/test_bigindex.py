@@ -132,3 +132,15 @@ def test_update_of_an_on_disk_index_rebuilds_it_with_the_new_rows(tmp_path):
     path = json.loads((features / "img_list.json").read_text())[ROWS + 10]  # a row the update added
     hits = [json.loads(line) for line in run_cli("query", out, path, "-k", "1", "--json").stdout.splitlines()]
     assert hits[0]["path"] == path and hits[0]["row"] == ROWS + 10
+
+
+def test_match_beyond_the_sq8_budget_uses_the_compressed_index_with_exact_scores(features, tmp_path):
+    run_cli("match", features, tmp_path / "pq", "--method", "ivf", "--memory-budget", ON_DISK, "--no-progress")
+    run_cli("match", features, tmp_path / "exact", "--method", "exact", "--no-progress")
+    report = json.loads((tmp_path / "pq" / "match.json").read_text())
+    assert ",PQ" in json.dumps(report) and "on disk" in json.dumps(report)
+    got, want = (np.load(tmp_path / d / "matches.npy") for d in ("pq", "exact"))
+    got_s, want_s = (np.load(tmp_path / d / "scores.npy").astype(np.float64) for d in ("pq", "exact"))
+    recall = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, want, strict=True)])
+    assert recall >= 0.95 and (got[:, 0] == np.arange(ROWS)).all()
+    assert np.array_equal(got_s[got == want], want_s[got == want])  # scores exact, not PQ estimates

@@ -216,7 +216,8 @@ class IndexSearch:
     last candidate beyond the index's list are not gathered)."""
 
     index: object
+    floor: int = 0  # candidates asked for at least: 10 × the re-ranking factor of lossy codes (PQ)
 
     def candidates(self, queries: np.ndarray, count: int) -> Candidates:
-        scores, ids = self.index.search(queries, count)
+        scores, ids = self.index.search(queries, max(count, self.floor))
         return Candidates(np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids)

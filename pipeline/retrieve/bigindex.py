@@ -24,7 +24,7 @@ from pipeline import dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.retrieve import load_faiss
-from pipeline.retrieve.ann import SEED, faiss_message, train_sample
+from pipeline.retrieve.ann import SEED, IndexSearch, faiss_message, set_search_parameter, train_sample, tune
 from pipeline.retrieve.features import FeatureSet
 from pipeline.retrieve.knn import normalize
 from pipeline.storage import Location, commit_file, commit_json, local_copy, read_json, staging_file
@@ -34,6 +34,7 @@ log = logging.getLogger("featpipe")
 PARTS = "parts"
 BUILD_FILE = "build.json"
 TRAINED_FILE = "trained.faiss"
+MATCH_INDEX = "pq.faiss"  # match's own index in OUT
 ID_BYTES = 8  # faiss keeps an int64 id beside each code
 PQ_TRAIN_MIN = 256 * 39  # 8-bit PQ: 256 centroids per sub-quantizer, faiss wants 39 points each
 HNSW_COARSE_FROM = 4096  # lists from which assigning a vector by a flat scan of centroids costs more than HNSW
@@ -204,6 +205,50 @@ class PartedBuild:
         """The parts, once the merged index is committed."""
         if self.out.fs.exists(self.out.join(PARTS)):
             self.out.fs.rm(self.out.join(PARTS), recursive=True)
+
+
+def rerank_floor(factor: int) -> int:
+    """Candidates to re-rank exactly for any k: as many as the tuning measured recall with (k = 10
+    neighbours × the factor); none beyond the caller's own for codes ranked as they are."""
+    return 10 * factor if factor > 1 else 0
+
+
+def match_search(fs: FeatureSet, valid: np.ndarray, tiling, budget: int, out: Location, ctx: dist.DistContext):
+    """`featpipe match --method ivf` when 8-bit codes would not fit the budget: the compressed
+    index built in parts by every rank into OUT, tuned with re-ranking on rank 0 and read by the
+    others (memory-mapped); (an IndexSearch asking for enough candidates, the report's entries)."""
+    faiss = load_faiss()
+    p = plan(fs.n, fs.dim, budget)
+    name = MATCH_INDEX
+    parted = PartedBuild(fs, valid, p, out, progress=False)
+    index = parted.run(ctx, name)
+    if ctx.is_main:
+        tuned = tune(index, fs, valid, tiling, 10, rerank=True)
+        relative_lists(index)
+        staged = staging_file(out.fs, out.join(name))
+        faiss.write_index(index, staged)
+        commit_file(out.fs, staged, out.join(name))
+        record = {"index_key": p.key, "storage": "ondisk" if p.ondisk else "memory", **asdict(tuned)}
+        commit_json(out.fs, out.join(name + ".json"), record)
+        parted.clean()
+    dist.barrier(ctx)
+    record = read_json(out.fs, out.join(name + ".json"))
+    if not ctx.is_main:
+        index = read_for_search(out.join(name) if out.is_local else local_copy(out.fs, out.join(name)), record)
+        set_search_parameter(index, record["param"], record["value"])
+    extra = {
+        "index": p.key,
+        "nlist": p.nlist,
+        "nprobe": record["value"],
+        "rerank_factor": record["factor"],
+        "storage": record["storage"],
+        "why": p.why,
+        "estimated_recall_at_k": round(record["recall"], 4),
+    }
+    log.info(
+        "compressed index %s (%s), nprobe %d, %d× candidates re-ranked", p.key, p.why, record["value"], record["factor"]
+    )
+    return IndexSearch(index, rerank_floor(record["factor"])), extra
 
 
 def relative_lists(index) -> None:

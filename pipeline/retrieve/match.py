@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import __version__, dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
-from pipeline.retrieve import ann, load_faiss, update
+from pipeline.retrieve import ann, bigindex, load_faiss, update
 from pipeline.retrieve.features import FeatureSet, open_features, require_vectors
 from pipeline.retrieve.knn import (
     CANDIDATE_MARGIN,
@@ -210,6 +210,10 @@ def _prepare_out(out: Location, plan: dict, cfg: MatchConfig, ctx: dist.DistCont
                 PLAN_FILE,
                 REPORT_FILE,
                 INDEX_FILE,
+                bigindex.MATCH_INDEX,
+                bigindex.MATCH_INDEX + ".json",
+                bigindex.ivfdata_name(bigindex.MATCH_INDEX),
+                bigindex.PARTS,
                 NEIGHBORS_FILE,
                 cfg.names.matches,
                 cfg.names.scores,
@@ -293,8 +297,9 @@ def _searcher(
     report should say about it."""
     if method == "exact":
         return ExactSearch(fs, valid, tiling, device), {}
+    if fs.n * (fs.dim + bigindex.ID_BYTES) > cfg.memory_budget // 2:  # not even 8-bit codes fit
+        return bigindex.match_search(fs, valid, tiling, cfg.memory_budget, out, ctx)
     faiss = load_faiss()
-
     choice = ann.choose(fs.n, fs.dim, cfg.memory_budget)
     path = out.join(INDEX_FILE)
     t = time.perf_counter()

@@ -18,7 +18,7 @@ from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import REMOVED_FILE, OutputNames, load_run
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
-from pipeline.retrieve.bigindex import read_for_search
+from pipeline.retrieve.bigindex import read_for_search, rerank_floor
 from pipeline.retrieve.features import features_exist, open_features, removed_count, require_vectors
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import (
@@ -161,11 +161,9 @@ class Target:
         count = k + CANDIDATE_MARGIN
         exact = None
         if self.meta:
-            # lossy codes: re-ranked exactly, at least as many candidates as the tuning measured (k = 10)
-            if self.meta.get("rerank_factor", 1) > 1:
-                count = max(count, max(k, 10) * self.meta["rerank_factor"])
             gone = self._gone_in_index
-            cand = IndexSearch(self._index).candidates(normalize(queries), count + gone)
+            floor = rerank_floor(self.meta.get("rerank_factor", 1)) + gone
+            cand = IndexSearch(self._index, floor).candidates(normalize(queries), count + gone)
             if gone:  # rows removed from the source that the index holds: asked for, then dropped
                 out = np.isin(cand.ids, self.features.removed)
                 cand = Candidates(np.where(out, -np.inf, cand.scores).astype(np.float32), np.where(out, -1, cand.ids))
