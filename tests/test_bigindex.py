@@ -128,7 +128,8 @@ def test_update_of_an_on_disk_index_rebuilds_it_with_the_new_rows(tmp_path):
     assert "rebuilding, its inverted lists are on disk" in proc.stderr
     meta = json.loads((out / "index.json").read_text())
     assert meta["n"] == ROWS + 6000 and meta["file"] == "index.1.faiss" and meta["storage"] == "ondisk"
-    assert sorted(p.name for p in out.iterdir()) == ["ids.parquet", "index.1.faiss", "index.1.ivfdata", "index.json"]
+    names = ["ids.parquet", "index.1.faiss", "index.1.ivfdata", "index.json", "rows"]
+    assert sorted(p.name for p in out.iterdir()) == names
     path = json.loads((features / "img_list.json").read_text())[ROWS + 10]  # a row the update added
     hits = [json.loads(line) for line in run_cli("query", out, path, "-k", "1", "--json").stdout.splitlines()]
     assert hits[0]["path"] == path and hits[0]["row"] == ROWS + 10

@@ -183,28 +183,32 @@ class FeatureSet:
         """Each row's shard name, from the chunks."""
         return self._chunk_columns.get("shard")
 
-    @cached_property
-    def _chunk_columns(self) -> dict[str, list]:
-        """key, shard, width, height, offset and length in row order, from the chunks' small columns alone."""
-        if self.folder is None:
-            return {}
+    def chunk_blocks(self, wanted: tuple[str, ...]):
+        """The chunks' `wanted` columns that exist, a shard at a time in row order: {name: list}
+        per shard with rows (memory: one shard's values)."""
         import pyarrow.parquet as pq
 
         from pipeline.outdir import read_done
 
         out = locate(self.folder)
-        columns: dict[str, list] = {}
         for shard in load_run(out).shard_names:
             if not read_done(out, shard).rows:
                 continue
             with out.fs.open(out.join(CHUNKS, f"{shard}.parquet"), "rb") as f:
                 chunk = pq.ParquetFile(f, pre_buffer=False)  # see chunks.read_parquet
-                names = [
-                    c for c in ("key", "shard", "width", "height", "offset", "length") if c in chunk.schema_arrow.names
-                ]
+                names = [c for c in wanted if c in chunk.schema_arrow.names]
                 table = chunk.read(columns=names, use_threads=False)
-            for name in names:
-                columns.setdefault(name, []).extend(table.column(name).to_pylist())
+            yield {name: table.column(name).to_pylist() for name in names}
+
+    @cached_property
+    def _chunk_columns(self) -> dict[str, list]:
+        """key, shard, width, height, offset and length in row order, from the chunks' small columns alone."""
+        if self.folder is None:
+            return {}
+        columns: dict[str, list] = {}
+        for block in self.chunk_blocks(("key", "shard", "width", "height", "offset", "length")):
+            for name, values in block.items():
+                columns.setdefault(name, []).extend(values)
         if len(columns.get("key", [])) != self.n:
             raise UserError(
                 f"{self.folder}: its chunks hold {len(columns.get('key', []))} rows, its features {self.n}; "

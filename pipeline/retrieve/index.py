@@ -19,7 +19,7 @@ from pipeline import __version__, dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.outdir import load_run
-from pipeline.retrieve import ann, bigindex, load_faiss
+from pipeline.retrieve import ann, bigindex, load_faiss, rowmeta
 from pipeline.retrieve.features import FeatureSet, open_features, removed_count, require_vectors
 from pipeline.retrieve.knn import normalize, plan_tiles, valid_rows
 from pipeline.storage import commit_file, commit_json, ensure_writable, local_copy, locate, read_json, staging_file
@@ -194,8 +194,6 @@ def _remove(index, removed: np.ndarray) -> bool:
 
 def _save(out, index, fs: FeatureSet, layout: Layout, tuned: ann.Tuning, extra: dict) -> None:
     faiss = load_faiss()
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     # An update writes a new file that index.json then names (its commit): a kill before that
     # leaves the old index.json naming the old file, and the rerun updates from it again.
@@ -207,16 +205,7 @@ def _save(out, index, fs: FeatureSet, layout: Layout, tuned: ann.Tuning, extra: 
     faiss.write_index(index, staged)
     commit_file(out.fs, staged, out.join(name))
     crash_point("index-written")  # test-only: the new index file written, index.json still the old one
-    ids = pa.table(
-        {
-            "row": pa.array(np.arange(fs.n), pa.int64()),
-            "key": fs.keys or [None] * fs.n,
-            "path": fs.paths or [None] * fs.n,
-        }
-    )
-    staged = staging_file(out.fs, out.join(IDS_FILE))
-    pq.write_table(ids, staged, compression="zstd")
-    commit_file(out.fs, staged, out.join(IDS_FILE))
+    _write_names(out, fs)
     embedder = load_run(locate(fs.folder)).extra.get("embedder") if fs.folder else None
     commit_json(
         out.fs,
@@ -246,6 +235,30 @@ def _save(out, index, fs: FeatureSet, layout: Layout, tuned: ann.Tuning, extra: 
     for old in (before, before and bigindex.ivfdata_name(before)):
         if old and old != name and out.fs.exists(out.join(old)):
             out.fs.rm_file(out.join(old))
+
+
+def _write_names(out, fs: FeatureSet) -> None:
+    """ids.parquet (row, key, path: for other tools) and rows/ (read by row, looked up by name:
+    for query and serve), in one pass over the chunks, a shard at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    staged = staging_file(out.fs, out.join(IDS_FILE))
+    schema = pa.schema([("row", pa.int64()), ("key", pa.string()), ("path", pa.string())])
+    with pq.ParquetWriter(staged, schema, compression="zstd") as writer:
+
+        def blocks():
+            row = 0
+            for keys, paths in rowmeta.name_blocks(fs):
+                rows = pa.array(np.arange(row, row + len(keys)), pa.int64())
+                writer.write_table(
+                    pa.table([rows, pa.array(keys, pa.string()), pa.array(paths, pa.string())], schema=schema)
+                )
+                row += len(keys)
+                yield keys, paths
+
+        rowmeta.write(out, fs, blocks())
+    commit_file(out.fs, staged, out.join(IDS_FILE))
 
 
 def _generation(fs: FeatureSet) -> int | None:

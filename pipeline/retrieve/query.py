@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.errors import UserError, reason
 from pipeline.fetch import fetch_url, is_url
 from pipeline.outdir import REMOVED_FILE, OutputNames, load_run
-from pipeline.retrieve import load_faiss
+from pipeline.retrieve import load_faiss, rowmeta
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
 from pipeline.retrieve.bigindex import read_for_search, rerank_floor
 from pipeline.retrieve.features import features_exist, open_features, removed_count, require_vectors
@@ -30,6 +30,7 @@ from pipeline.retrieve.knn import (
     plan_tiles,
     valid_rows,
 )
+from pipeline.retrieve.rowmeta import RowMeta
 from pipeline.storage import local_copy, locate, read_valid_json
 
 if TYPE_CHECKING:
@@ -98,9 +99,31 @@ class Target:
     def dim(self) -> int:
         return self.meta["dim"] if self.meta else self.features.dim
 
+    @property
+    def n(self) -> int:
+        return self.meta["n"] if self.meta else self.features.n
+
     @cached_property
-    def ids(self) -> tuple[list, list]:
-        """(keys, paths) by row."""
+    def _rows(self) -> RowMeta | None:
+        """INDEX/rows/, read by row (indexes of earlier featpipes and FEATURES have none)."""
+        return RowMeta(self.loc) if self.meta and rowmeta.exists(self.loc) else None
+
+    def names(self, rows) -> tuple[list, list]:
+        """(keys, paths) of these rows: read on demand from INDEX/rows/, else from lists in memory."""
+        if self._rows is not None:
+            return self._rows.names(rows)
+        keys, paths = self._ids
+        return [keys[r] for r in rows], [paths[r] for r in rows]
+
+    def row(self, name: str) -> int | None:
+        """The row whose key, else whose path, is `name` (the first such row), or None."""
+        if self._rows is not None:
+            return self._rows.row_of(name)
+        return self._row_of.get(name)
+
+    @cached_property
+    def _ids(self) -> tuple[list, list]:
+        """(keys, paths) by row, all of them (an index without rows/, or FEATURES)."""
         if self.meta:
             from pipeline.chunks import read_parquet
 
@@ -111,12 +134,14 @@ class Target:
         return fs.keys or [None] * fs.n, fs.paths or [None] * fs.n
 
     @cached_property
-    def row_of(self) -> dict[str, int]:
-        """Row by key or path."""
-        keys, paths = self.ids
-        return {v: i for i, v in enumerate(keys) if v is not None} | {
-            v: i for i, v in enumerate(paths) if v is not None
-        }
+    def _row_of(self) -> dict[str, int]:
+        keys, paths = self._ids
+        table: dict[str, int] = {}
+        for names in (keys, paths):  # keys first, then paths; the first row of a name
+            for i, v in enumerate(names):
+                if v is not None:
+                    table.setdefault(v, i)
+        return table
 
     @cached_property
     def embedder(self) -> dict | None:
@@ -147,7 +172,7 @@ class Target:
 
     def warm(self) -> None:
         """Read everything a search needs now (a service answers its first query as fast as the next)."""
-        _ = self.ids, self.row_of
+        _ = self._rows if self._rows is not None else (self._ids, self._row_of)
         _ = self._index if self.meta else self._exact
 
     @cached_property
@@ -217,15 +242,14 @@ def run_query(
     target = Target(target_spec)
     labels, vectors = [], []
     embedder = None
-    lookup = target.row_of
     for q in queries:
         if q.endswith(".npy") and not is_url(q):
             rows = _npy_queries(q)
             labels += [f"{q}[{i}]" for i in range(len(rows))]
             vectors.append(rows)
-        elif q in lookup:
+        elif (row := target.row(q)) is not None:
             labels.append(q)
-            vectors.append(target.vector_of(lookup[q]))
+            vectors.append(target.vector_of(row))
         else:
             if embedder is None:
                 embedder = Embedder(target.embedder, target_spec, device)
@@ -258,13 +282,12 @@ def search_hits(target: Target, labels: list[str], x: np.ndarray, k: int, offset
         bad = labels[int(np.argmax(unusable))]
         raise UserError(f"query {bad} is a NaN, infinite or all-zero vector: it has no direction to search")
     x = unit_rows(x)
-    keys, paths = target.ids
     ids, scores = target.search(x, k + offset)
+    places = [(i, r) for i in range(len(labels)) for r in range(offset, ids.shape[1]) if ids[i, r] >= 0]
+    keys, paths = target.names([ids[i, r] for i, r in places])
     return [
-        Hit(labels[i], r, float(scores[i, r]), int(ids[i, r]), keys[ids[i, r]], paths[ids[i, r]])
-        for i in range(len(labels))
-        for r in range(offset, ids.shape[1])
-        if ids[i, r] >= 0
+        Hit(labels[i], r, float(scores[i, r]), int(ids[i, r]), key, path)
+        for (i, r), key, path in zip(places, keys, paths, strict=True)
     ]
 
 

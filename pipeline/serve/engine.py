@@ -103,7 +103,7 @@ class Engine:
         meta = t.meta or {}
         embedder = t.embedder or {}
         return {
-            "n": len(t.ids[0]),
+            "n": t.n,
             "dim": t.dim,
             "index": meta.get("index_key", "exact search over the features"),
             "estimated_recall_at_10": meta.get("estimated_recall_at_10", 1.0),
@@ -143,7 +143,7 @@ class Engine:
         self.target, self._stamp, self._refused = fresh, stamp, ""
         self.reloads += 1
         generation = (fresh.meta or {}).get("generation")
-        log.info("%s reloaded: %d rows, generation %s", self.spec, len(fresh.ids[0]), generation)
+        log.info("%s reloaded: %d rows, generation %s", self.spec, fresh.n, generation)
         return True
 
     def watch(self) -> None:
@@ -175,14 +175,14 @@ class Engine:
 
     async def by_row(self, row: int, k: int, offset: int) -> list[Hit]:
         target = self.target
-        n = len(target.ids[0])
+        n = target.n
         if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < n:
             raise ServiceError(404, "unknown_row", f"no row {row} in the index (it has rows 0 to {n - 1})")
         return await self._batched(None, self._usable(target.vector_of(row), f"row {row}"), k, offset, f"row {row}")
 
     async def by_key(self, key: str, k: int, offset: int) -> list[Hit]:
         target = self.target
-        row = target.row_of.get(key)
+        row = target.row(key)
         if row is None:
             raise ServiceError(404, "unknown_key", "no such key or path in the index")
         return await self._batched(None, self._usable(target.vector_of(row), key), k, offset, key)
@@ -315,7 +315,7 @@ class Engine:
     async def thumbnail(self, row: int) -> tuple[bytes, str]:
         """A row's thumbnail JPEG and its ETag (quoted, as HTTP wants); made in the thumbnail threads."""
         target = self.target
-        if not 0 <= row < len(target.ids[0]):
+        if not 0 <= row < target.n:
             raise ServiceError(404, "unknown_row", f"no row {row} in the index")
         with self._thumb_lock:
             data = self._thumbs.get(row)

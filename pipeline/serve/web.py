@@ -53,7 +53,7 @@ def create_app(
             state["error"] = f"{first_line(exc)}"
             log.error("cannot load %s: %s", spec, first_line(exc))
             return
-        log.info("ready: %s loaded, %d rows", spec, len(state["engine"].target.ids[0]))
+        log.info("ready: %s loaded, %d rows", spec, state["engine"].target.n)
         state["engine"].watch()  # this thread then checks for index updates (--reload-every)
 
     @contextlib.asynccontextmanager  # a bare async generator is deprecated (a warning at every start)
