@@ -3,13 +3,14 @@ turned into its row, without loading every name. This module owns the layout of 
 
     key.offsets.npy, path.offsets.npy   uint64 (N + 1,): row r's UTF-8 bytes are [off[r], off[r+1])
     key.bytes, path.bytes               the names, back to back (a null name is empty)
-    lookup.npy                          (hash, row) of every key and path, sorted by hash
+    lookup.hash.npy, lookup.row.npy     every key's and path's hash, sorted, and its row
 
 All are memory-mapped: a hit costs two offsets and its bytes; a name → row lookup hashes the name
-(the first 8 bytes of its BLAKE2b), binary-searches lookup.npy (log2(2N) probes: 31 at 1B rows)
+(the first 8 bytes of its BLAKE2b), binary-searches lookup.hash.npy (log2(2N) probes: 31 at 1B rows; a
+separate contiguous file, since numpy copies a strided array to search it: +3 MB at 200k rows)
 and checks the row's own key and path, so a hash collision never answers a wrong row. Written once
 by `featpipe index`, a shard's names at a time. Memory while writing: the hashes, 16 bytes per
-name (lookup.npy is sorted in RAM: 32 GB at 1B rows, see the README's limits)."""
+name (the table is sorted in RAM: 32 GB at 1B rows, see the README's limits)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pipeline.storage import Location, commit_file, local_copy, staging_file
 
 FOLDER = "rows"
 FIELDS = ("key", "path")
-LOOKUP = "lookup.npy"
+LOOKUP_HASH, LOOKUP_ROW = "lookup.hash.npy", "lookup.row.npy"
 LOOKUP_DTYPE = np.dtype([("hash", "<u8"), ("row", "<i8")])
 _BLOCK = 1 << 16  # rows of a bare array's null names written at a time
 
@@ -74,7 +75,10 @@ def write(out: Location, fs: FeatureSet, blocks: Iterable[tuple[list, list]]) ->
         for arr in offsets.values():
             arr.flush()
         table = np.concatenate(hashes) if hashes else np.zeros(0, LOOKUP_DTYPE)
-        np.save(os.path.join(tmp, LOOKUP), table[np.argsort(table, order=("hash", "row"), kind="stable")])
+        table = table[np.argsort(table, order=("hash", "row"), kind="stable")]
+        np.save(os.path.join(tmp, LOOKUP_HASH), np.ascontiguousarray(table["hash"]))
+        np.save(os.path.join(tmp, LOOKUP_ROW), np.ascontiguousarray(table["row"]))
+        del table
         for name in sorted(os.listdir(tmp)):
             final = out.join(FOLDER, name)
             staged = staging_file(out.fs, final)
@@ -89,7 +93,7 @@ def _offsets(path: str, n: int) -> np.ndarray:
 
 
 def exists(loc: Location) -> bool:
-    return loc.fs.exists(loc.join(FOLDER, LOOKUP))
+    return loc.fs.exists(loc.join(FOLDER, LOOKUP_ROW))
 
 
 class RowMeta:
@@ -102,7 +106,8 @@ class RowMeta:
 
         self.offsets = {f: np.load(local(f"{f}.offsets.npy"), mmap_mode="r") for f in FIELDS}
         self.data = {f: _bytes(local(f"{f}.bytes")) for f in FIELDS}
-        self.lookup = np.load(local(LOOKUP), mmap_mode="r")
+        self.hashes = np.load(local(LOOKUP_HASH), mmap_mode="r")
+        self.rows = np.load(local(LOOKUP_ROW), mmap_mode="r")
         self.n = len(self.offsets["key"]) - 1
 
     def name(self, field: str, row: int) -> str | None:
@@ -116,9 +121,8 @@ class RowMeta:
     def row_of(self, name: str) -> int | None:
         """The row whose key is `name`, else whose path is (a key wins, as in the in-memory table)."""
         h = np.uint64(name_hash(name))
-        hashes = self.lookup["hash"]
-        lo, hi = np.searchsorted(hashes, h, "left"), np.searchsorted(hashes, h, "right")
-        rows = sorted(int(r) for r in self.lookup["row"][lo:hi])
+        lo, hi = np.searchsorted(self.hashes, h, "left"), np.searchsorted(self.hashes, h, "right")
+        rows = sorted(int(r) for r in self.rows[lo:hi])
         for field in FIELDS:
             for r in rows:
                 if self.name(field, r) == name:
