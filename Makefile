@@ -79,6 +79,15 @@ bench: install
 	$(BIN)/python tools/bench_serve.py
 	$(BIN)/python tools/bench_models.py
 	$(BIN)/python tools/bench_grow.py
+	$(BIN)/python tools/bench_index.py
+
+# autofaiss for bench_index.py, in its own venv: it pins numpy < 2, and its OPQ code calls
+# faiss.OPQMatrix with keywords that faiss 1.8+ refuses (faiss-cpu < 1.8), pyarrow 20 to import
+AUTOFAISS_VENV := bench-out/autofaiss-venv
+bench: $(AUTOFAISS_VENV)/bin/autofaiss
+$(AUTOFAISS_VENV)/bin/autofaiss:
+	$(PYTHON) -m venv $(AUTOFAISS_VENV)
+	$(AUTOFAISS_VENV)/bin/pip install -q autofaiss "faiss-cpu<1.8" "pyarrow==20.0.0"
 
 clean:
 	rm -rf data/demo bench-out

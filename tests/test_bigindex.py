@@ -45,7 +45,9 @@ def test_the_choice_follows_the_budget():
     assert (small.m, small.ondisk) == (192, False)  # the largest code that fits: D/2 bytes
     tight = plan(10**8, 384, 4 * 10**9)
     assert not tight.ondisk and 10**8 * (tight.m + 8) <= 0.8 * 4e9 and 384 % tight.m == 0
-    assert plan(10**8, 384, 4 * 10**9).m > plan(10**8, 384, 2 * 10**9).m
+    assert plan(10**8, 384, 8 * 10**9).m > tight.m  # more budget, finer codes
+    coarse = plan(10**8, 384, 2 * 10**9)  # only codes coarser than D/16 bytes would fit: on disk
+    assert coarse.ondisk and coarse.m == 96 and "even 24-byte codes" in coarse.why
     huge = plan(10**9, 384, 4 * 10**9)
     assert huge.ondisk and huge.m == 96 and "on disk" in huge.why
     # the training sample fits a quarter of the budget, and bounds nlist (39 points a list at least)
@@ -120,6 +122,9 @@ def test_update_of_an_on_disk_index_rebuilds_it_with_the_new_rows(tmp_path):
     make_features(features, ROWS)
     run_cli("index", features, out, "--memory-budget", ON_DISK, "--no-progress")
     assert json.loads((out / "index.json").read_text())["storage"] == "ondisk"
+    in_ram = tmp_path / "in-ram"
+    run_cli("index", features, in_ram, "--memory-budget", IN_RAM, "--no-progress")
+    plan_before = json.loads((in_ram / "index.json").read_text())["plan"]
     grown = tmp_path / "grown"
     make_features(grown, ROWS + 6000)
     features.rename(tmp_path / "old")
@@ -133,6 +138,13 @@ def test_update_of_an_on_disk_index_rebuilds_it_with_the_new_rows(tmp_path):
     path = json.loads((features / "img_list.json").read_text())[ROWS + 10]  # a row the update added
     hits = [json.loads(line) for line in run_cli("query", out, path, "-k", "1", "--json").stdout.splitlines()]
     assert hits[0]["path"] == path and hits[0]["row"] == ROWS + 10
+    # codes in memory: the new rows are added to the index as it is, its plan kept for the next update
+    proc = run_cli("index", features, in_ram, "--update", "--memory-budget", IN_RAM, "--no-progress", "-v")
+    assert "6000 rows added" in proc.stderr
+    meta = json.loads((in_ram / "index.json").read_text())
+    assert meta["plan"] == plan_before and meta["n"] == ROWS + 6000 and meta["storage"] == "memory"
+    hits = [json.loads(line) for line in run_cli("query", in_ram, path, "-k", "1", "--json").stdout.splitlines()]
+    assert hits[0]["row"] == ROWS + 10
 
 
 def test_match_beyond_the_sq8_budget_uses_the_compressed_index_with_exact_scores(features, tmp_path):

@@ -39,6 +39,9 @@ ID_BYTES = 8  # faiss keeps an int64 id beside each code
 PQ_TRAIN_MIN = 256 * 39  # 8-bit PQ: 256 centroids per sub-quantizer, faiss wants 39 points each
 HNSW_COARSE_FROM = 4096  # lists from which assigning a vector by a flat scan of centroids costs more than HNSW
 PART_SHARE = 8  # one part's codes and one block of vectors each take at most budget / PART_SHARE
+# Codes coarser than a byte per 16 dimensions rank too badly for re-ranking to repair (PQ4 for
+# 384-d would need hundreds of candidates a neighbour): below that the lists go to disk instead.
+MAX_DIMS_PER_BYTE = 16
 SAFETY = 0.8  # of the budget for what stays resident: the rest is Python, numpy and faiss's own
 
 
@@ -68,7 +71,7 @@ def _pow2(x: float) -> int:
 def plan(n: int, dim: int, budget: int) -> Plan:
     """nlist ≈ 4·√N (autofaiss's lower end: training cost grows with it) with 39–64 training
     points per list, the training sample within a quarter of the budget; then the largest code
-    (m dividing D, at most D/2 bytes) whose codes and ids fit the budget beside the quantizer;
+    (m dividing D, D/16 to D/2 bytes) whose codes and ids fit the budget beside the quantizer;
     when none does, the lists go to disk with D/4-byte codes and RAM holds the quantizer."""
     train_cap = max(PQ_TRAIN_MIN, budget // 4 // (dim * 4))
     nlist = max(16, min(_pow2(4 * np.sqrt(n)), 65536, _pow2(n // 64)))
@@ -77,15 +80,16 @@ def plan(n: int, dim: int, budget: int) -> Plan:
     quantizer = nlist * dim * 4 + (nlist * 64 * 4 if nlist >= HNSW_COARSE_FROM else 0)
     room = int(budget * SAFETY) - quantizer
     divisors = [m for m in range(max(1, dim // 2), 0, -1) if dim % m == 0]
-    fitting = [m for m in divisors if n * (m + ID_BYTES) <= room]
+    smallest = min((m for m in divisors if m >= max(1, dim // MAX_DIMS_PER_BYTE)), default=divisors[-1])
+    fitting = [m for m in divisors if m >= smallest and n * (m + ID_BYTES) <= room]
     if fitting:
         m, ondisk = fitting[0], False
         why = f"{n} × {m}-byte codes + ids ({_gb(n * (m + ID_BYTES))}) fit the {_gb(budget)} budget"
     else:
         m, ondisk = next(m for m in divisors if m <= max(1, dim // 4)), True
         why = (
-            f"even {divisors[-1]}-byte codes + ids ({_gb(n * (divisors[-1] + ID_BYTES))}) exceed the "
-            f"{_gb(budget)} budget: inverted lists on disk, memory-mapped"
+            f"even {smallest}-byte codes + ids ({_gb(n * (smallest + ID_BYTES))}) exceed the "
+            f"{_gb(budget)} budget: inverted lists on disk ({m}-byte codes), memory-mapped"
         )
     part_rows = max(1024, budget // PART_SHARE // (m + ID_BYTES + dim * 4) // 1024 * 1024)
     return Plan(nlist, m, ondisk, min(part_rows, max(n, 1)), train_rows, why)
@@ -109,13 +113,22 @@ class PartedBuild:
 
     def run(self, ctx: dist.DistContext, index_file: str):
         """The merged index on rank 0 (None on the others): trained, parts added, merged."""
+        from tqdm.auto import tqdm
+
+        if self.plan.ondisk and not self.out.is_local:
+            raise UserError(
+                f"{self.out.url()}: an index with its lists on disk is built in a local or shared folder, "
+                "not a bucket (or give a --memory-budget its codes fit)"
+            )
         dist.from_main(ctx, self._prepare)
         dist.from_main(ctx, self._train, share=lambda _: None)
         trained = self._read(TRAINED_FILE)
-        for number, start in enumerate(self.parts):
-            if number % ctx.world == ctx.rank and not self.out.fs.exists(self._part(number)):
-                self._add_part(trained, number, start)
-                crash_point("index-part", ctx.rank)  # test-only: a part committed, the build not done
+        mine = [i for i in range(len(self.parts)) if i % ctx.world == ctx.rank]
+        todo = [i for i in mine if not self.out.fs.exists(self._part(i))]
+        label = f"index parts[{ctx.rank}]" if ctx.active else "index parts"
+        for number in tqdm(todo, unit="part", desc=label, disable=not self.progress):
+            self._add_part(trained, number, self.parts[number])
+            crash_point("index-part", ctx.rank)  # test-only: a part committed, the build not done
         dist.barrier(ctx)
         return self._merge(index_file) if ctx.is_main else None
 
@@ -169,8 +182,6 @@ class PartedBuild:
         index = self._read(TRAINED_FILE)
         names = [self._local(self._part(i)) for i in range(len(self.parts))]
         if self.plan.ondisk:
-            if not self.out.is_local:
-                raise UserError(f"{self.out.url()}: an index with its lists on disk must be built in a local folder")
             from faiss.contrib.ondisk import merge_ondisk
 
             final = self.out.join(ivfdata_name(index_file))

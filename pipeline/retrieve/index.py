@@ -162,11 +162,12 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
         tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in key)
         if tuned.recall < ann.RECALL_TARGET and tuned.param == "nprobe":
             why = f"its recall@10 fell to {tuned.recall:.3f} with every list probed"
-    layout = Layout(key, meta.get("why", "--index-key"))
+    planned = bigindex.Plan(**meta["plan"]) if meta.get("plan") else None
+    layout = Layout(key, meta.get("why", "--index-key"), planned)
     parted = None
     if why:
         log.info("index --update: rebuilding, %s", why)
-        if "plan" in meta:  # chosen under the budget: chosen again for the new N
+        if planned is not None:  # chosen under the budget: chosen again for the new N
             layout = choose_layout(fs.n, fs.dim, cfg.memory_budget)
         index, parted = _build(fs, valid, layout, out, cfg, dist.DistContext(), name)
         tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key)

@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""`make bench` for indexes past the memory budget: `featpipe index --memory-budget B` against
+`autofaiss build_index` with `max_index_memory_usage` B on the same L2-normalised synthetic
+vectors, in one run; then `featpipe query` start-up and memory at two sizes (flat in N).
+
+    python tools/bench_index.py [--rows 2000000] [--dim 128] [--budget 256MB] [--small 200000]
+
+Rows: build wall time and peak RSS, index size on disk, recall@10 against exact search on 1,000
+sampled rows (featpipe's after its exact re-ranking), single-query latency p50/p99 (warm, one
+query at a time, memory-mapped for featpipe). autofaiss runs in its own venv
+(bench-out/autofaiss-venv: `pip install autofaiss pyarrow==20.0.0`; its pins clash with ours);
+without it its row is skipped, saying so. Vectors come from tools/make_features.py (written once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.units import parse_bytes  # noqa: E402
+
+WORK = ROOT / "bench-out" / "index"
+AUTOFAISS = ROOT / "bench-out" / "autofaiss-venv" / "bin" / "autofaiss"
+QUERIES, K = 1000, 10
+
+
+def features(rows: int, dim: int) -> Path:
+    out = WORK / f"features-{rows}x{dim}"
+    if not (out / "fts.npy").exists():
+        shard = max(10_000, rows // 40)
+        cmd = [sys.executable, str(ROOT / "tools" / "make_features.py"), str(out), "--rows", str(rows)]
+        subprocess.run([*cmd, "--dim", str(dim), "--shard-rows", str(shard)], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and the command's peak RSS in MB (VmHWM of a fresh child: ru_maxrss would carry
+    the parent's high-water mark across exec)."""
+    code = (
+        "import subprocess, sys, time; t = time.perf_counter(); "
+        "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); peak = 0\n"
+        "while p.poll() is None:\n"
+        "    try: peak = max(peak, int(open(f'/proc/{p.pid}/status').read().split('VmHWM:')[1].split()[0]))\n"
+        "    except (OSError, IndexError): pass\n"
+        "    time.sleep(0.05)\n"
+        "assert p.returncode == 0, p.returncode; print(time.perf_counter() - t, peak / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True, text=True)
+    seconds, rss = out.stdout.split()
+    return float(seconds), float(rss)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_truth(fts: np.ndarray, q: np.ndarray) -> np.ndarray:
+    best_s = np.full((len(q), K), -np.inf, np.float32)
+    best_i = np.zeros((len(q), K), np.int64)
+    for start in range(0, len(fts), 250_000):
+        s = q @ unit(fts[start : start + 250_000]).T
+        top = np.argpartition(-s, K, axis=1)[:, :K]
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
+        cand_i = np.concatenate([best_i, top + start], axis=1)
+        keep = np.argsort(-cand_s, axis=1)[:, :K]
+        best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+    return best_i
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(found, truth, strict=True)]))
+
+
+def latencies(search, q: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    found, times = [], []
+    for i in range(len(q)):
+        t = time.perf_counter()
+        found.append(search(q[i : i + 1]))
+        times.append((time.perf_counter() - t) * 1000)
+    warm = times[50:]  # the first queries fault the mapped lists in
+    return np.concatenate(found), [float(np.percentile(warm, 50)), float(np.percentile(warm, 99))]
+
+
+def disk(folder: Path, names: list[str]) -> float:
+    return sum((folder / n).stat().st_size for n in names if (folder / n).exists()) / 1e6
+
+
+def ours(feats: Path, budget: str, q: np.ndarray, truth: np.ndarray) -> dict:
+    from pipeline.retrieve.query import Target
+
+    out = WORK / f"featpipe-{budget}"
+    cmd = [sys.executable, "-m", "pipeline", "index", str(feats), str(out), "--memory-budget", budget]
+    seconds, rss = timed([*cmd, "--overwrite", "--no-progress"])
+    meta = json.loads((out / "index.json").read_text())
+    target = Target(str(out))
+    found, (p50, p99) = latencies(lambda x: target.search(x, K)[0], q)
+    files = [meta["file"], meta["file"].replace(".faiss", ".ivfdata")]
+    return {
+        "tool": "featpipe",
+        "index": meta["index_key"],
+        "storage": meta["storage"],
+        "build_s": round(seconds, 1),
+        "peak_rss_mb": round(rss),
+        "size_mb": round(disk(out, files), 1),
+        "recall_at_10": round(recall(found, truth), 4),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "tuned": f"nprobe {meta['value']}, {meta['rerank_factor']}x re-ranked",
+    }
+
+
+def autofaiss(feats: Path, budget: str, q: np.ndarray, truth: np.ndarray) -> dict | None:
+    if not AUTOFAISS.exists():
+        print(f"autofaiss skipped: no {AUTOFAISS} (see this script's docstring)")
+        return None
+    import faiss
+
+    emb = WORK / f"normalised-{feats.name}"
+    if not (emb / "emb.npy").exists():
+        emb.mkdir(parents=True, exist_ok=True)
+        fts = np.load(feats / "fts.npy", mmap_mode="r")
+        np.save(emb / "emb.npy", np.concatenate([unit(fts[s : s + 500_000]) for s in range(0, len(fts), 500_000)]))
+    out = WORK / f"autofaiss-{budget}"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [str(AUTOFAISS), "build_index", "--embeddings", str(emb), "--index_path", str(out / "knn.index")]
+    cmd += ["--index_infos_path", str(out / "infos.json"), "--metric_type", "ip"]
+    cmd += [
+        "--max_index_memory_usage",
+        budget.replace("MB", "M").replace("GB", "G"),
+        "--current_memory_available",
+        "16G",
+    ]
+    seconds, rss = timed(cmd)
+    infos = json.loads((out / "infos.json").read_text())
+    index = faiss.read_index(str(out / "knn.index"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    faiss.ParameterSpace().set_index_parameters(index, infos["index_param"])
+    found, (p50, p99) = latencies(lambda x: index.search(x, K)[1], q)
+    return {
+        "tool": "autofaiss",
+        "index": infos["index_key"],
+        "storage": "memory-mapped file",
+        "build_s": round(seconds, 1),
+        "peak_rss_mb": round(rss),
+        "size_mb": round(disk(out, ["knn.index"]), 1),
+        "recall_at_10": round(recall(found, truth), 4),
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "tuned": infos["index_param"],
+    }
+
+
+def query_row(feats: Path, budget: str, label: str) -> dict:
+    """`featpipe query INDEX PATH` as a user runs it: wall time to the answer and peak RSS."""
+    out = WORK / f"featpipe-{budget}" if label == "main" else WORK / f"small-{feats.name}"
+    if not (out / "index.json").exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "index",
+                str(feats),
+                str(out),
+                "--memory-budget",
+                budget,
+                "--no-progress",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    meta = json.loads((out / "index.json").read_text())
+    path = json.loads((feats / "img_list.json").read_text())[7]
+    runs = [timed([sys.executable, "-m", "pipeline", "query", str(out), path, "-k", "10"]) for _ in range(3)]
+    lookup = key_lookups(out, feats)
+    return {
+        "lookup_p50_ms": round(float(np.percentile(lookup, 50)), 3),
+        "lookup_p99_ms": round(float(np.percentile(lookup, 99)), 3),
+        "rows": meta["n"],
+        "index": meta["index_key"],
+        "first_answer_s": round(min(r[0] for r in runs), 2),
+        "peak_rss_mb": round(max(r[1] for r in runs)),
+    }
+
+
+def key_lookups(index: Path, feats: Path) -> list[float]:
+    """Milliseconds of 1,000 path → row lookups through INDEX/rows/ (a fresh process's first ones
+    included: what `serve` pays for a `key` query)."""
+    from pipeline.retrieve.rowmeta import RowMeta
+    from pipeline.storage import locate
+
+    paths = json.loads((feats / "img_list.json").read_text())
+    rows = RowMeta(locate(str(index)))
+    times = []
+    for r in np.random.default_rng(5).choice(len(paths), 1000, replace=False):
+        t = time.perf_counter()
+        assert rows.row_of(paths[r]) is not None
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--budget", default="256MB")
+    ap.add_argument("--small", type=int, default=200_000, help="rows of the second query-start-up size")
+    args = ap.parse_args()
+    parse_bytes(args.budget)  # a bad size fails here, before any work
+    WORK.mkdir(parents=True, exist_ok=True)
+    feats = features(args.rows, args.dim)
+    fts = np.load(feats / "fts.npy", mmap_mode="r")
+    rows = np.sort(np.random.default_rng(99).choice(len(fts), QUERIES, replace=False))
+    q = unit(fts[rows])
+    truth = exact_truth(fts, q)
+    results = [r for r in (ours(feats, args.budget, q, truth), autofaiss(feats, args.budget, q, truth)) if r]
+    small = features(args.small, args.dim)
+    starts = [query_row(small, args.budget, "small"), query_row(feats, args.budget, "main")]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    )
+    report = {
+        "machine": machine,
+        "rows": args.rows,
+        "dim": args.dim,
+        "budget": args.budget,
+        "build": results,
+        "query": starts,
+    }
+    (WORK / "result.json").write_text(json.dumps(report, indent=1))
+    print(f"# {args.rows} x {args.dim}, budget {args.budget}, {machine}")
+    print("| tool | index | build s | peak RSS MB | size MB | recall@10 | p50 ms | p99 ms | tuned |")
+    cols = ("build_s", "peak_rss_mb", "size_mb", "recall_at_10", "p50_ms", "p99_ms", "tuned")
+    for r in results:
+        print(f"| {r['tool']} | {r['index']} ({r['storage']}) | " + " | ".join(str(r[c]) for c in cols) + " |")
+    print("| rows | index | featpipe query: first answer s | peak RSS MB | path → row p50 / p99 ms |")
+    for r in starts:
+        cells = (r["first_answer_s"], r["peak_rss_mb"], f"{r['lookup_p50_ms']} / {r['lookup_p99_ms']}")
+        print(f"| {r['rows']} | {r['index']} | " + " | ".join(map(str, cells)) + " |")
+
+
+if __name__ == "__main__":
+    main()
