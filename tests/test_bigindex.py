@@ -43,8 +43,8 @@ def on_disk(features, tmp_path_factory):
 def test_the_choice_follows_the_budget():
     small = plan(10**6, 384, 2 * 10**9)
     assert (small.m, small.ondisk) == (192, False)  # the largest code that fits: D/2 bytes
-    tight = plan(10**8, 384, 4 * 10**9)
-    assert not tight.ondisk and 10**8 * (tight.m + 8) <= 0.8 * 4e9 and 384 % tight.m == 0
+    tight = plan(10**8, 384, 5 * 10**9)
+    assert (tight.m, tight.ondisk) == (24, False) and 10**8 * (tight.m + 8) <= 0.8 * 5e9
     assert plan(10**8, 384, 8 * 10**9).m > tight.m  # more budget, finer codes
     coarse = plan(10**8, 384, 2 * 10**9)  # only codes coarser than D/16 bytes would fit: on disk
     assert coarse.ondisk and coarse.m == 96 and "even 24-byte codes" in coarse.why
