@@ -63,3 +63,25 @@ def test_a_folder_of_gzipped_shards_is_found_and_extracts_like_the_tars(tmp_path
     assert (tmp_path / "from-gz" / "fts.npy").read_bytes() == (tmp_path / "from-tars" / "fts.npy").read_bytes()
     names = json.loads((tmp_path / "from-gz" / "img_list.json").read_text())
     assert len(names) == 6 and names == json.loads((tmp_path / "from-tars" / "img_list.json").read_text())
+
+
+def test_dotted_base_names_are_recorded_with_what_to_do(tmp_path):
+    """`images/cat.v2.jpg` and `cat.v3.jpg` make one webdataset key `images/cat` with fields
+    `v2.jpg` and `v3.jpg`: no image field. The record says so and how to repack; others embed."""
+    import io
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "s-000000.tar", "w") as tar:
+        for name, data in (("images/cat.v2.jpg", jpeg(1)), ("images/cat.v3.jpg", jpeg(2)), ("images/dog.jpg", jpeg(3))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
+    proc = run_cli("extract", shards, tmp_path / "out", *model, check=False)
+    assert proc.returncode == 3  # completed, a sample recorded as failed
+    assert len(json.loads((tmp_path / "out" / "img_list.json").read_text())) == 1
+    (error,) = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert error["key"] == "images/cat" and "images/cat.v2.jpg, images/cat.v3.jpg hold dots" in error["reason"]
+    assert "repack" in error["reason"]

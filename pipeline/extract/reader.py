@@ -149,8 +149,22 @@ def _raw_from_tar(sample: dict, position: int, shard: ShardRef, seen: set[str]) 
     if not isinstance(field_name, str) or field_name not in sample:
         field_name = next((f for f in IMAGE_EXTENSIONS if f in sample), None)
     if field_name is None:
-        return RawSample(key, path, position, None, "sample has no image field")
+        return RawSample(key, path, position, None, _no_image_field(sample))
     return RawSample(key, path, position, sample[field_name], member=sample["__members__"][field_name])
+
+
+def _no_image_field(sample: dict) -> str:
+    """Why a sample has no image: most often base names with dots (webdataset's key ends at the
+    first dot, so `cat.v2.jpg` is key `cat`, field `v2.jpg`, and `cat.v3.jpg` joins it)."""
+    dotted = sorted(f for f in sample if not f.startswith("__") and f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+    if not dotted:
+        return "sample has no image field"
+    names = ", ".join(f"{sample['__key__']}.{f}" for f in dotted)
+    return (
+        f"sample has no image field: the base names of {names} hold dots, and webdataset's key ends at the "
+        "first dot (key " + repr(sample["__key__"]) + "); rename them without dots before the extension "
+        "(cat_v2.jpg) or repack the images with `featpipe pack`"
+    )
 
 
 def _metadata(raw: bytes | None) -> tuple[dict, str | None]:
