@@ -28,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_match import timed  # noqa: E402  (wall seconds and the child's peak RSS, in a small wrapper)
+
 from pipeline.units import parse_bytes  # noqa: E402
 
 WORK = ROOT / "bench-out" / "index"
@@ -42,23 +44,6 @@ def features(rows: int, dim: int) -> Path:
         cmd = [sys.executable, str(ROOT / "tools" / "make_features.py"), str(out), "--rows", str(rows)]
         subprocess.run([*cmd, "--dim", str(dim), "--shard-rows", str(shard)], check=True, stdout=subprocess.DEVNULL)
     return out
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and the command's peak RSS in MB (VmHWM of a fresh child: ru_maxrss would carry
-    the parent's high-water mark across exec)."""
-    code = (
-        "import subprocess, sys, time; t = time.perf_counter(); "
-        "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); peak = 0\n"
-        "while p.poll() is None:\n"
-        "    try: peak = max(peak, int(open(f'/proc/{p.pid}/status').read().split('VmHWM:')[1].split()[0]))\n"
-        "    except (OSError, IndexError): pass\n"
-        "    time.sleep(0.05)\n"
-        "assert p.returncode == 0, p.returncode; print(time.perf_counter() - t, peak / 1024)"
-    )
-    out = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True, text=True)
-    seconds, rss = out.stdout.split()
-    return float(seconds), float(rss)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -152,11 +152,11 @@ class Target:
     @cached_property
     def _index(self):
         path = self.loc.join(self.meta.get("file", INDEX_FILE))
-        if not self.loc.is_local and self.meta.get("storage") == "ondisk":
-            raise UserError(
-                f"{self.spec}: an index with its lists on disk is served from a local folder; copy it there"
-            )
         if not self.loc.is_local:
+            if self.meta.get("storage") == "ondisk":
+                raise UserError(
+                    f"{self.spec}: an index with its lists on disk is served from a local folder; copy it there"
+                )
             path = local_copy(self.loc.fs, path)
         try:
             index = read_for_search(path, self.meta)
