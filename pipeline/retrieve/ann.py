@@ -120,20 +120,35 @@ class Tuning:
     factor: int = 1  # k × factor candidates re-ranked exactly (indexes of lossy codes: PQ)
 
 
-def tune(index, fs: FeatureSet, valid: np.ndarray, tiling: Tiling, k: int, rerank: bool = False) -> Tuning:
+def tune_queries(fs: FeatureSet, valid: np.ndarray) -> np.ndarray:
+    """The sampled rows tuning measures recall on (a fixed seed: the same rows on every rank)."""
+    valid_ids = np.flatnonzero(valid)
+    rng = np.random.default_rng(SEED + 1)
+    return normalize(fs.take(np.sort(rng.choice(valid_ids, min(TUNE_QUERIES, len(valid_ids)), replace=False))))
+
+
+def tune(
+    index,
+    fs: FeatureSet,
+    valid: np.ndarray,
+    tiling: Tiling,
+    k: int,
+    rerank: bool = False,
+    truth: tuple[np.ndarray, Candidates] | None = None,
+) -> Tuning:
     """The smallest efSearch / nprobe (doubling) whose recall@k on sampled queries, against exact
     search, reaches the target. With `rerank` (codes too lossy to rank by: PQ), recall is measured
     after re-ranking k × factor candidates by exact cosine, and each step doubles whichever of
-    nprobe and the factor gains more recall (both cost about the same per query). The index is
-    left set to the value found."""
+    nprobe and the factor gains more recall (both cost about the same per query). `truth`: the
+    queries and their exact top k when computed elsewhere (split across ranks). The index is left
+    set to the value found."""
     name = search_parameter(index)
-    valid_ids = np.flatnonzero(valid)
-    rng = np.random.default_rng(SEED + 1)
-    sample = np.sort(rng.choice(valid_ids, min(TUNE_QUERIES, len(valid_ids)), replace=False))
-    queries = normalize(fs.take(sample))
-    k = min(k, len(valid_ids))
+    k = min(k, int(valid.sum()))
     exact = ExactSearch(fs, valid, tiling)
-    truth = exact.candidates(queries, k)
+    if truth is None:
+        queries = tune_queries(fs, valid)
+        truth = queries, exact.candidates(queries, k)
+    queries, truth = truth
     limit = 4096 if name == "efSearch" else 1
     if name == "nprobe":
         limit = load_faiss().extract_index_ivf(index).nlist

@@ -24,9 +24,17 @@ from pipeline import dist
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.retrieve import load_faiss
-from pipeline.retrieve.ann import SEED, IndexSearch, faiss_message, set_search_parameter, train_sample, tune
+from pipeline.retrieve.ann import (
+    SEED,
+    IndexSearch,
+    faiss_message,
+    set_search_parameter,
+    train_sample,
+    tune,
+    tune_queries,
+)
 from pipeline.retrieve.features import FeatureSet
-from pipeline.retrieve.knn import normalize
+from pipeline.retrieve.knn import Candidates, ExactSearch, normalize
 from pipeline.storage import Location, commit_file, commit_json, local_copy, read_json, staging_file
 
 log = logging.getLogger("featpipe")
@@ -216,6 +224,23 @@ class PartedBuild:
         """The parts, once the merged index is committed."""
         if self.out.fs.exists(self.out.join(PARTS)):
             self.out.fs.rm(self.out.join(PARTS), recursive=True)
+
+
+def split_truth(fs: FeatureSet, valid: np.ndarray, tiling, ctx: dist.DistContext, k: int):
+    """Tuning's exact top k of its sampled queries, each rank scanning its contiguous slice of
+    the rows; (queries, Candidates) on rank 0, None on the others."""
+    queries = tune_queries(fs, valid)
+    lo, hi = fs.n * ctx.rank // ctx.world, fs.n * (ctx.rank + 1) // ctx.world
+    mine = np.zeros_like(valid)
+    mine[lo:hi] = valid[lo:hi]
+    found = ExactSearch(fs, mine, tiling).candidates(queries, k)
+    parts = dist.gather(ctx, (found.scores, found.ids))
+    if not ctx.is_main:
+        return None
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
+    return queries, Candidates(np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1))
 
 
 def rerank_floor(factor: int) -> int:

@@ -91,9 +91,10 @@ def build_index(cfg: IndexConfig) -> dict | None:
     try:
         valid = valid_rows(fs, tiling.db_rows)
         index, parted = _build(fs, valid, layout, out, cfg, ctx, INDEX_FILE)
+        truth = bigindex.split_truth(fs, valid, tiling, ctx, 10) if ctx.active and parted else None
         if index is None:
             return None
-        tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key)
+        tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key, truth=truth)
         log.info("index tuned: %s, recall@10 %.3f", _tuned_text(tuned), tuned.recall)
         extra = {"trained_on": fs.n, "removed_held": 0}
         _save(out, index, fs, layout, tuned, extra)

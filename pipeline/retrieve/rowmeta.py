@@ -23,6 +23,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.retrieve.features import FeatureSet
 from pipeline.storage import Location, commit_file, local_copy, staging_file
 
@@ -49,8 +50,6 @@ def name_blocks(fs: FeatureSet) -> Iterator[tuple[list, list]]:
         rows += len(block["key"])
         yield block["key"], block["path"]
     if rows != fs.n:
-        from pipeline.errors import UserError
-
         raise UserError(
             f"{fs.folder}: its chunks hold {rows} rows, its features {fs.n}; run `featpipe consolidate` again"
         )
