@@ -85,3 +85,32 @@ def test_dotted_base_names_are_recorded_with_what_to_do(tmp_path):
     (error,) = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert error["key"] == "images/cat" and "images/cat.v2.jpg, images/cat.v3.jpg hold dots" in error["reason"]
     assert "repack" in error["reason"]
+
+
+def test_duckdb_ranks_the_chunks_by_cosine(tmp_path):
+    """duckdb on OUT/chunks as they are. From Parquet, duckdb 2.0 types `embedding` FLOAT[] even
+    though the chunk's Arrow schema says fixed_size_list<float>[D] (Parquet has no fixed-size
+    list; duckdb ignores the Arrow schema): the command that works casts it, `embedding::FLOAT[D]`;
+    through pyarrow it is FLOAT[D] as it is. Both give the cosines of the stored vectors."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"a{i}.jpg").write_bytes(jpeg(i))
+    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
+    run_cli("extract", src, tmp_path / "out", *model)
+    table = pq.read_table(tmp_path / "out" / "chunks").sort_by("key")
+    vectors = np.asarray(table.column("embedding").to_pylist(), np.float64)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    dim = vectors.shape[1]
+    con = duckdb.connect()
+    chunks = f"read_parquet('{tmp_path / 'out' / 'chunks' / '*.parquet'}')"
+    assert con.execute(f"SELECT DISTINCT typeof(embedding) FROM {chunks}").fetchall() == [("FLOAT[]",)]
+    first = f"(SELECT embedding::FLOAT[{dim}] FROM {chunks} ORDER BY key LIMIT 1)"
+    sql = f"SELECT array_cosine_similarity(embedding::FLOAT[{dim}], {first}) FROM {chunks} ORDER BY key"
+    got = [s for (s,) in con.execute(sql).fetchall()]
+    assert np.allclose(got, unit @ unit[0], atol=1e-5) and abs(got[0] - 1) < 1e-5
+    con.register("arrow_chunks", table)
+    assert con.execute("SELECT DISTINCT typeof(embedding) FROM arrow_chunks").fetchall() == [(f"FLOAT[{dim}]",)]
