@@ -12,6 +12,15 @@ from conftest import noisy_photo as jpeg
 from pipeline import api
 
 HUB = str(ROOT / "pipeline" / "hub")
+MODEL = ("--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress")
+
+
+def photos(folder, count: int):
+    """A folder of `count` small JPEGs."""
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"a{i}.jpg").write_bytes(jpeg(i))
+    return folder
 
 
 def test_extract_normalize_writes_unit_vectors_everywhere(tmp_path):
@@ -21,13 +30,9 @@ def test_extract_normalize_writes_unit_vectors_everywhere(tmp_path):
     import pyarrow.parquet as pq
     import torch
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(5):
-        (src / f"a{i}.jpg").write_bytes(jpeg(i))
-    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
-    run_cli("extract", src, tmp_path / "plain", *model)
-    run_cli("extract", src, tmp_path / "unit", *model, "--normalize")
+    src = photos(tmp_path / "src", 5)
+    run_cli("extract", src, tmp_path / "plain", *MODEL)
+    run_cli("extract", src, tmp_path / "unit", *MODEL, "--normalize")
     plain = torch.load(tmp_path / "plain" / "fts.pth", weights_only=True).double()
     unit = torch.load(tmp_path / "unit" / "fts.pth", weights_only=True).double()
     ones = torch.ones(5, dtype=torch.float64)
@@ -46,10 +51,7 @@ def test_a_folder_of_gzipped_shards_is_found_and_extracts_like_the_tars(tmp_path
     import gzip
     import shutil
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"a{i}.jpg").write_bytes(jpeg(i))
+    src = photos(tmp_path / "src", 6)
     api.pack(src, tmp_path / "shards", shard_size=2, progress=False)
     tars, gz = tmp_path / "tars", tmp_path / "gz"
     tars.mkdir()
@@ -57,9 +59,8 @@ def test_a_folder_of_gzipped_shards_is_found_and_extracts_like_the_tars(tmp_path
     for i, tar in enumerate(sorted((tmp_path / "shards").glob("*.tar"))):
         shutil.copy(tar, tars / tar.name)
         (gz / (tar.stem + (".tar.gz" if i % 2 else ".tgz"))).write_bytes(gzip.compress(tar.read_bytes(), mtime=0))
-    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
-    run_cli("extract", tars, tmp_path / "from-tars", *model)
-    run_cli("extract", gz, tmp_path / "from-gz", *model)
+    run_cli("extract", tars, tmp_path / "from-tars", *MODEL)
+    run_cli("extract", gz, tmp_path / "from-gz", *MODEL)
     assert (tmp_path / "from-gz" / "fts.npy").read_bytes() == (tmp_path / "from-tars" / "fts.npy").read_bytes()
     names = json.loads((tmp_path / "from-gz" / "img_list.json").read_text())
     assert len(names) == 6 and names == json.loads((tmp_path / "from-tars" / "img_list.json").read_text())
@@ -78,8 +79,7 @@ def test_dotted_base_names_are_recorded_with_what_to_do(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
-    proc = run_cli("extract", shards, tmp_path / "out", *model, check=False)
+    proc = run_cli("extract", shards, tmp_path / "out", *MODEL, check=False)
     assert proc.returncode == 3  # completed, a sample recorded as failed
     assert len(json.loads((tmp_path / "out" / "img_list.json").read_text())) == 1
     (error,) = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
@@ -95,12 +95,7 @@ def test_duckdb_ranks_the_chunks_by_cosine(tmp_path):
     import duckdb
     import pyarrow.parquet as pq
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        (src / f"a{i}.jpg").write_bytes(jpeg(i))
-    model = ["--model-repo", HUB, "--model-name", "tiny_cnn", "--workers", "0", "--no-progress"]
-    run_cli("extract", src, tmp_path / "out", *model)
+    run_cli("extract", photos(tmp_path / "src", 4), tmp_path / "out", *MODEL)
     table = pq.read_table(tmp_path / "out" / "chunks").sort_by("key")
     vectors = np.asarray(table.column("embedding").to_pylist(), np.float64)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
