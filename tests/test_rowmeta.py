@@ -79,3 +79,39 @@ def test_a_query_takes_the_same_memory_at_10k_and_200k_rows(small, tmp_path):
     small_path = json.loads((small / "features" / "img_list.json").read_text())[7]
     grown = peak_query_memory(tmp_path / "index", path) - peak_query_memory(small / "index", small_path)
     assert grown < 16 * 2**20, grown
+
+
+def test_thumbnails_of_an_index_read_their_rows_place_from_rows(tmp_path):
+    """A service's thumbnails find a row's shard, key and byte range in INDEX/rows/ (never the
+    lists of every row): the same JPEGs as from the features' lists."""
+    from conftest import noisy_photo
+
+    from pipeline import api
+    from pipeline.retrieve.query import Target
+    from pipeline.retrieve.show import Thumbnails
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"p{i}.jpg").write_bytes(noisy_photo(i))
+    api.pack(src, tmp_path / "shards", shard_size=2, progress=False)
+    hub = [
+        "--model-repo",
+        str(ROOT / "pipeline" / "hub"),
+        "--model-name",
+        "tiny_cnn",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    run_cli("extract", tmp_path / "shards", tmp_path / "out", *hub)
+    run_cli("index", tmp_path / "out", tmp_path / "index", "--no-progress")
+    chunks = pq.read_table(tmp_path / "out" / "chunks")
+    target = Target(str(tmp_path / "index"))
+    places = target.places(range(5))
+    assert [(p.shard, p.key, p.offset, p.length) for p in places.values()] == list(
+        zip(*(chunks.column(c).to_pylist() for c in ("shard", "key", "offset", "length")), strict=True)
+    )
+    assert all(p.offset > 0 for p in places.values())
+    by_rows = Thumbnails(target.features, 64, target.places).jpegs({0, 3, 4})
+    assert sorted(by_rows) == [0, 3, 4] and by_rows == Thumbnails(target.features, 64).jpegs({0, 3, 4})

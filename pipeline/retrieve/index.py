@@ -251,13 +251,13 @@ def _write_names(out, fs: FeatureSet) -> None:
 
         def blocks():
             row = 0
-            for keys, paths in rowmeta.name_blocks(fs):
-                rows = pa.array(np.arange(row, row + len(keys)), pa.int64())
-                writer.write_table(
-                    pa.table([rows, pa.array(keys, pa.string()), pa.array(paths, pa.string())], schema=schema)
-                )
-                row += len(keys)
-                yield keys, paths
+            for block in rowmeta.row_blocks(fs):
+                count = len(block["key"])
+                rows = pa.array(np.arange(row, row + count), pa.int64())
+                names = [pa.array(block[f], pa.string()) for f in ("key", "path")]
+                writer.write_table(pa.table([rows, *names], schema=schema))
+                row += count
+                yield block
 
         rowmeta.write(out, fs, blocks())
     commit_file(out.fs, staged, out.join(IDS_FILE))

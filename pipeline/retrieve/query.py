@@ -115,6 +115,11 @@ class Target:
         keys, paths = self._ids
         return [keys[r] for r in rows], [paths[r] for r in rows]
 
+    @property
+    def places(self):
+        """rows → RowPlace read from INDEX/rows/ (for thumbnails), or None: FEATURES' lists."""
+        return self._rows.places if self._rows is not None else None
+
     def row(self, name: str) -> int | None:
         """The row whose key, else whose path, is `name` (the first such row), or None."""
         if self._rows is not None:

@@ -1,8 +1,10 @@
-"""Row metadata on demand (issue 31): each row's key and path read by row number, and a key or path
-turned into its row, without loading every name. This module owns the layout of INDEX/rows/:
+"""Row metadata on demand (issue 31): each row's key, path and where its image lies (shard, byte
+range in the tar) read by row number, and a key or path turned into its row, without loading every
+name. This module owns the layout of INDEX/rows/:
 
-    key.offsets.npy, path.offsets.npy   uint64 (N + 1,): row r's UTF-8 bytes are [off[r], off[r+1])
-    key.bytes, path.bytes               the names, back to back (a null name is empty)
+    {key,path,shard}.offsets.npy        uint64 (N + 1,): row r's UTF-8 bytes are [off[r], off[r+1])
+    {key,path,shard}.bytes              the names, back to back (a null name is empty)
+    offset.npy, length.npy              int64 (N,): the image's bytes in its tar (-1: unknown)
     lookup.hash.npy, lookup.row.npy     every key's and path's hash, sorted, and its row
 
 All are memory-mapped: a hit costs two offsets and its bytes; a name → row lookup hashes the name
@@ -20,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,7 +31,9 @@ from pipeline.retrieve.features import FeatureSet
 from pipeline.storage import Location, commit_file, local_copy, staging_file
 
 FOLDER = "rows"
-FIELDS = ("key", "path")
+FIELDS = ("key", "path", "shard")  # text, read by row
+NUMBERS = ("offset", "length")  # int64, read by row
+LOOKUP_FIELDS = ("key", "path")  # the names a row is found by
 LOOKUP_HASH, LOOKUP_ROW = "lookup.hash.npy", "lookup.row.npy"
 LOOKUP_DTYPE = np.dtype([("hash", "<u8"), ("row", "<i8")])
 _BLOCK = 1 << 16  # rows of a bare array's null names written at a time
@@ -38,40 +43,62 @@ def name_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
-def name_blocks(fs: FeatureSet) -> Iterator[tuple[list, list]]:
-    """(keys, paths) a shard at a time in row order; nulls for a bare .npy / .pth."""
+@dataclass(frozen=True)
+class RowPlace:
+    """Where a row's picture is: its shard, key, byte range in the tar (-1 unknown) and path."""
+
+    shard: str | None
+    key: str | None
+    offset: int
+    length: int
+    path: str | None
+
+
+def row_blocks(fs: FeatureSet) -> Iterator[dict[str, list]]:
+    """FIELDS and NUMBERS a shard at a time in row order (nulls and -1 for a bare .npy / .pth, and
+    for columns chunks of earlier featpipes lack)."""
     if fs.folder is None:
         for start in range(0, fs.n, _BLOCK):
             count = min(_BLOCK, fs.n - start)
-            yield [None] * count, [None] * count
+            yield {**{f: [None] * count for f in FIELDS}, "offset": [-1] * count, "length": [0] * count}
         return
     rows = 0
-    for block in fs.chunk_blocks(FIELDS):
-        rows += len(block["key"])
-        yield block["key"], block["path"]
+    for block in fs.chunk_blocks(FIELDS + NUMBERS):
+        count = len(block["key"])
+        rows += count
+        yield {
+            **{f: block.get(f, [None] * count) for f in FIELDS},
+            "offset": block.get("offset", [-1] * count),
+            "length": block.get("length", [0] * count),
+        }
     if rows != fs.n:
         raise UserError(
             f"{fs.folder}: its chunks hold {rows} rows, its features {fs.n}; run `featpipe consolidate` again"
         )
 
 
-def write(out: Location, fs: FeatureSet, blocks: Iterable[tuple[list, list]]) -> None:
-    """INDEX/rows/ from (keys, paths) blocks in row order; each file committed whole."""
+def write(out: Location, fs: FeatureSet, blocks: Iterable[dict[str, list]]) -> None:
+    """INDEX/rows/ from row_blocks' blocks; each file committed whole."""
     with tempfile.TemporaryDirectory(prefix="featpipe-rows-") as tmp, ExitStack() as files:
-        offsets = {f: _offsets(os.path.join(tmp, f"{f}.offsets.npy"), fs.n) for f in FIELDS}
+        offsets = {f: _array(os.path.join(tmp, f"{f}.offsets.npy"), "<u8", fs.n + 1) for f in FIELDS}
+        numbers = {f: _array(os.path.join(tmp, f"{f}.npy"), "<i8", fs.n) for f in NUMBERS}
         data = {f: files.enter_context(open(os.path.join(tmp, f"{f}.bytes"), "wb")) for f in FIELDS}
         hashes, row = [], 0
-        for keys, paths in blocks:
-            for field, names in zip(FIELDS, (keys, paths), strict=True):
-                encoded = [(n or "").encode() for n in names]
+        for block in blocks:
+            count = len(block["key"])
+            for field in FIELDS:
+                encoded = [(n or "").encode() for n in block[field]]
                 ends = np.cumsum([len(e) for e in encoded], dtype=np.uint64)
-                offsets[field][row + 1 : row + 1 + len(names)] = offsets[field][row] + ends
+                offsets[field][row + 1 : row + 1 + count] = offsets[field][row] + ends
                 data[field].write(b"".join(encoded))
-                present = [(name_hash(n), row + i) for i, n in enumerate(names) if n]
+            for field in NUMBERS:
+                numbers[field][row : row + count] = block[field]
+            for field in LOOKUP_FIELDS:
+                present = [(name_hash(n), row + i) for i, n in enumerate(block[field]) if n]
                 hashes.append(np.array(present, LOOKUP_DTYPE))
-            row += len(keys)
+            row += count
         files.close()
-        for arr in offsets.values():
+        for arr in (*offsets.values(), *numbers.values()):
             arr.flush()
         table = np.concatenate(hashes) if hashes else np.zeros(0, LOOKUP_DTYPE)
         table = table[np.argsort(table, order=("hash", "row"), kind="stable")]
@@ -85,14 +112,14 @@ def write(out: Location, fs: FeatureSet, blocks: Iterable[tuple[list, list]]) ->
             commit_file(out.fs, staged, final)
 
 
-def _offsets(path: str, n: int) -> np.ndarray:
-    arr = np.lib.format.open_memmap(path, "w+", "<u8", (n + 1,))
-    arr[0] = 0
+def _array(path: str, dtype: str, n: int) -> np.ndarray:
+    arr = np.lib.format.open_memmap(path, "w+", dtype, (n,))
+    arr[:1] = 0
     return arr
 
 
 def exists(loc: Location) -> bool:
-    return loc.fs.exists(loc.join(FOLDER, LOOKUP_ROW))
+    return loc.fs.exists(loc.join(FOLDER, LOOKUP_ROW)) and loc.fs.exists(loc.join(FOLDER, "offset.npy"))
 
 
 class RowMeta:
@@ -104,6 +131,7 @@ class RowMeta:
             return path if loc.is_local else local_copy(loc.fs, path)
 
         self.offsets = {f: np.load(local(f"{f}.offsets.npy"), mmap_mode="r") for f in FIELDS}
+        self.numbers = {f: np.load(local(f"{f}.npy"), mmap_mode="r") for f in NUMBERS}
         self.data = {f: _bytes(local(f"{f}.bytes")) for f in FIELDS}
         self.hashes = np.load(local(LOOKUP_HASH), mmap_mode="r")
         self.rows = np.load(local(LOOKUP_ROW), mmap_mode="r")
@@ -117,12 +145,24 @@ class RowMeta:
         rows = [int(r) for r in rows]
         return [self.name("key", r) for r in rows], [self.name("path", r) for r in rows]
 
+    def places(self, rows: Iterable[int]) -> dict[int, RowPlace]:
+        return {
+            int(r): RowPlace(
+                self.name("shard", r),
+                self.name("key", r),
+                int(self.numbers["offset"][r]),
+                int(self.numbers["length"][r]),
+                self.name("path", r),
+            )
+            for r in rows
+        }
+
     def row_of(self, name: str) -> int | None:
         """The row whose key is `name`, else whose path is (a key wins, as in the in-memory table)."""
         h = np.uint64(name_hash(name))
         lo, hi = np.searchsorted(self.hashes, h, "left"), np.searchsorted(self.hashes, h, "right")
         rows = sorted(int(r) for r in self.rows[lo:hi])
-        for field in FIELDS:
+        for field in LOOKUP_FIELDS:
             for r in rows:
                 if self.name(field, r) == name:
                     return r

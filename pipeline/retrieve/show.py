@@ -13,6 +13,7 @@ import html
 import io
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from pipeline.outdir import load_run
 from pipeline.readmany import read_many
 from pipeline.retrieve.features import FeatureSet, features_exist, open_features
 from pipeline.retrieve.knn import NO_MATCH
+from pipeline.retrieve.rowmeta import RowPlace
 from pipeline.shardformat import tar_members
 from pipeline.storage import commit_bytes, ensure_writable, locate, open_stream, read_valid_json
 
@@ -145,31 +147,43 @@ class Thumbnails:
     """Small JPEGs (as bytes, or as data URIs for a page), read once per shard (tar shards) or per
     file (folder mode)."""
 
-    def __init__(self, fs: FeatureSet | None, size: int):
-        self.fs, self.size = fs, size
+    def __init__(self, fs: FeatureSet | None, size: int, places: Callable[[list[int]], dict] | None = None):
+        """`places`: rows → RowPlace read by row (an index's rows/, so a service never loads the
+        lists of every row's shard, key and path); without it, those lists from FEATURES."""
+        self.fs, self.size, self._places = fs, size, places
+
+    def places(self, rows: list[int]) -> dict[int, RowPlace]:
+        if self._places is not None:
+            return self._places(rows)
+        fs = self.fs
+        members, paths = fs.members, fs.paths  # (offset, length) per row where the chunks recorded them
+        return {
+            r: RowPlace(fs.shards[r], fs.keys[r], *(members[r] if members else (-1, 0)), paths[r] if paths else None)
+            for r in rows
+        }
 
     def make(self, rows: set[int]) -> dict[int, str]:
         return {r: "data:image/jpeg;base64," + base64.b64encode(j).decode() for r, j in self.jpegs(rows).items()}
 
     def jpegs(self, rows: set[int]) -> dict[int, bytes]:
         fs = self.fs
-        if fs is None or fs.folder is None or fs.shards is None:
+        if fs is None or fs.folder is None or (self._places is None and fs.shards is None):
             return {}
         urls = {s.name: s.url for s in load_run(locate(fs.folder)).shards}
-        members = fs.members  # (offset, length) per row where the chunks recorded them
+        places = self.places(sorted(rows))
         wanted: dict[str, dict[str, int]] = {}
-        for r in sorted(rows):
-            wanted.setdefault(fs.shards[r], {})[fs.keys[r]] = r
+        for r, place in places.items():
+            wanted.setdefault(place.shard, {})[place.key] = r
         out: dict[int, bytes] = {}
         for shard, keys in sorted(wanted.items()):
             url = urls[shard]
-            if url.endswith(".tar") and members and all(members[r][0] >= 0 for r in keys.values()):
-                out |= self._by_range(url, {r: members[r] for r in keys.values()})
+            if url.endswith(".tar") and all(places[r].offset >= 0 for r in keys.values()):
+                out |= self._by_range(url, {r: (places[r].offset, places[r].length) for r in keys.values()})
             elif url.endswith((".tar", ".tgz", ".tar.gz")):
                 out |= self._from_tar(url, keys)
             else:  # folder mode: the sample's path is the source file, read with many in flight
                 ordered = sorted(keys.values())
-                for i, data in read_many(locate(url).fs, [fs.paths[r] for r in ordered]):
+                for i, data in read_many(locate(url).fs, [places[r].path for r in ordered]):
                     out[ordered[i]] = b"" if isinstance(data, BaseException) else self._encode(data)
         return {r: jpeg for r, jpeg in out.items() if jpeg}
 

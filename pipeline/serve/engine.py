@@ -331,7 +331,7 @@ class Engine:
     def _make_thumbnail(self, target: Target, row: int) -> bytes:
         from pipeline.retrieve.show import Thumbnails
 
-        jpeg = Thumbnails(target.features, self.limits.thumb).jpegs({row}).get(row)
+        jpeg = Thumbnails(target.features, self.limits.thumb, target.places).jpegs({row}).get(row)
         if not jpeg:
             raise ServiceError(404, "no_picture", f"row {row} has no readable picture (its shard or file is gone)")
         return jpeg
