@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import tempfile
 import time
 import uuid
@@ -53,9 +54,44 @@ STREAM_BLOCK = 8 << 20  # bytes per read-ahead request when streaming a shard
 def open_stream(url: str):
     """A file to read from start to end (a tar shard), with plain read-ahead on every backend.
     gcsfs ≥ 2026 otherwise picks an adaptive background prefetcher, which hung for good in the
-    middle of a shard (seen with 3 shards against a GCS emulator, even with no worker processes)."""
+    middle of a shard (seen with 3 shards against a GCS emulator, even with no worker processes).
+    `pipe:COMMAND` (webdataset's convention) runs COMMAND in a shell and reads its output."""
+    if url.startswith(PIPE):
+        return PipeStream(url[len(PIPE) :])
     fs, path = fsspec.core.url_to_fs(url)  # fsspec.open's keywords would go to the filesystem, not the file
     return fs.open(path, "rb", cache_type="readahead", block_size=STREAM_BLOCK)
+
+
+PIPE = "pipe:"
+
+
+class PipeStream:
+    """The standard output of a shell command, as a file read to its end; a command that fails
+    (exits non-zero) raises OSError with the first line it printed on stderr, when closed after
+    its output ran out (a shard closed early stops the command instead)."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.finished = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.proc.stdout.read(size)
+        self.finished = self.finished or not data or size < 0
+        return data
+
+    def __enter__(self) -> PipeStream:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if not self.finished:
+            self.proc.kill()
+        self.proc.stdout.close()
+        err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+        self.proc.stderr.close()
+        code = self.proc.wait()
+        if self.finished and code != 0:  # the command's own failure says more than the tar reader's
+            raise OSError(f"pipe command exited {code}: {err[0] if err else self.command}")
 
 
 # A store that throttles (503 SlowDown) or drops connections for longer than the client's own few

@@ -109,3 +109,22 @@ def test_duckdb_ranks_the_chunks_by_cosine(tmp_path):
     assert np.allclose(got, unit @ unit[0], atol=1e-5) and abs(got[0] - 1) < 1e-5
     con.register("arrow_chunks", table)
     assert con.execute("SELECT DISTINCT typeof(embedding) FROM arrow_chunks").fetchall() == [(f"FLOAT[{dim}]",)]
+
+
+def test_pipe_urls_run_a_command_and_read_its_output(tmp_path):
+    """`pipe:COMMAND` shards (webdataset's convention; a list file may hold them): the features
+    equal those of the tars read directly; a command that fails is a failed shard with its
+    stderr's first line, and the other shards are embedded."""
+    api.pack(photos(tmp_path / "src", 6), tmp_path / "shards", shard_size=2, progress=False)
+    tars = sorted((tmp_path / "shards").glob("*.tar"))
+    listing = tmp_path / "shards.txt"
+    listing.write_text("".join(f"pipe:cat '{t}'\n" for t in tars))
+    run_cli("extract", tmp_path / "shards", tmp_path / "direct", *MODEL)
+    run_cli("extract", listing, tmp_path / "piped", *MODEL)
+    assert (tmp_path / "piped" / "fts.npy").read_bytes() == (tmp_path / "direct" / "fts.npy").read_bytes()
+    broken = tmp_path / "broken.txt"
+    broken.write_text(f"pipe:cat '{tars[0]}'\npipe:echo gone >&2; exit 3\n")
+    proc = run_cli("extract", broken, tmp_path / "partial", *MODEL, "--retries", "0", check=False)
+    assert proc.returncode == 3 and len(json.loads((tmp_path / "partial" / "img_list.json").read_text())) == 2
+    errors = (tmp_path / "partial" / "errors.jsonl").read_text()
+    assert "pipe command exited 3: gone" in errors

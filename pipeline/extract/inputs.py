@@ -14,7 +14,7 @@ import braceexpand
 from pipeline.errors import UserError, first_line
 from pipeline.listing import list_images
 from pipeline.shardformat import MANIFEST, SHARD_DIGITS
-from pipeline.storage import Location, locate, read_json
+from pipeline.storage import PIPE, Location, locate, read_json
 
 log = logging.getLogger("featpipe")
 
@@ -37,6 +37,8 @@ def resolve_shards(spec: str, group_size: int = DEFAULT_GROUP_SIZE) -> list[Shar
     """Every rank resolves the same spec to the same list, in the same order, so all agree on the work."""
     if "{" in spec and ".." in spec:
         refs = _named([(u, None) for u in braceexpand.braceexpand(spec)])
+    elif spec.startswith(PIPE):
+        refs = _named([(spec, None)])
     else:
         loc = locate(spec)
         try:
@@ -100,7 +102,7 @@ def _read_list(loc: Location) -> list[str]:
     for ln in lines:
         if not ln or ln.startswith("#"):
             continue
-        if "://" in ln or os.path.isabs(ln):
+        if "://" in ln or os.path.isabs(ln) or ln.startswith(PIPE):  # pipe: runs a command: trusted lists only
             urls.append(ln)
         else:  # relative entries are relative to the list file
             urls.append(loc.url(posixpath.join(base, ln)))

@@ -25,7 +25,7 @@ from pipeline.retrieve.features import FeatureSet, features_exist, open_features
 from pipeline.retrieve.knn import NO_MATCH
 from pipeline.retrieve.rowmeta import RowPlace
 from pipeline.shardformat import tar_members
-from pipeline.storage import commit_bytes, ensure_writable, locate, open_stream, read_valid_json
+from pipeline.storage import PIPE, commit_bytes, ensure_writable, locate, open_stream, read_valid_json
 
 PER_PAGE = 25  # queries or groups per page: 25 × 11 thumbnails of 128 px are ~1 MB
 MAX_MEMBERS = 48  # thumbnails shown per duplicate group
@@ -177,7 +177,7 @@ class Thumbnails:
         out: dict[int, bytes] = {}
         for shard, keys in sorted(wanted.items()):
             url = urls[shard]
-            if url.endswith(".tar") and all(places[r].offset >= 0 for r in keys.values()):
+            if url.endswith(".tar") and not url.startswith(PIPE) and all(places[r].offset >= 0 for r in keys.values()):
                 out |= self._by_range(url, {r: (places[r].offset, places[r].length) for r in keys.values()})
             elif url.endswith((".tar", ".tgz", ".tar.gz")):
                 out |= self._from_tar(url, keys)
