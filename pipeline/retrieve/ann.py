@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.errors import UserError, first_line
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.features import FeatureSet
-from pipeline.retrieve.knn import Candidates, ExactSearch, Tiling, normalize, normalize64
+from pipeline.retrieve.knn import Candidates, ExactSearch, Tiling, normalize, normalize64, ranked
 
 log = logging.getLogger("featpipe")
 
@@ -175,16 +175,13 @@ def tune(
 
 
 def reranked(fs: FeatureSet, queries: np.ndarray, found: np.ndarray, k: int) -> np.ndarray:
-    """Each query's top k of its candidates (-1 = none) by exact cosine, 64 queries at a time
-    (64 × 640 candidates × 384 dims in float64 is 126 MB)."""
+    """Each query's top k of its candidates (-1 = none) by exact cosine (knn.ranked, featpipe's
+    one exact re-scoring), 64 queries at a time (64 × 640 candidates × 384 dims in float64 is 126 MB)."""
     out = np.full((len(found), k), -1, np.int64)
     for start in range(0, len(found), 64):
-        ids = found[start : start + 64]
         q = normalize64(queries[start : start + 64])
-        vecs = normalize64(fs.take(np.where(ids >= 0, ids, 0).reshape(-1))).reshape(*ids.shape, fs.dim)
-        scores = np.where(ids >= 0, np.einsum("qd,qkd->qk", q, vecs), -np.inf)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out[start : start + 64] = np.take_along_axis(ids, order, 1)
+        ids, _ = ranked(fs, q, found[start : start + 64], np.full(len(q), -1), "keep")
+        out[start : start + 64] = ids[:, :k]
     return out
 
 

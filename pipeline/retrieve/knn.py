@@ -280,7 +280,7 @@ def finish_rows(
         stop = min(start + _RESCORE_ROWS, n)
         qid, q = query_ids[start:stop], normalize64(queries[start:stop])
         kept = known[start:stop] if known is not None else np.zeros((stop - start, 0), np.int64)
-        ids, scores = _ranked(fs, q, np.concatenate([kept, cand.ids[start:stop]], axis=1), qid, self_match)
+        ids, scores = ranked(fs, q, np.concatenate([kept, cand.ids[start:stop]], axis=1), qid, self_match)
         if exact is not None and need > 0:
             fast = cand.scores[start:stop]
             ids, scores = _settle_ties(fs, exact, q, qid, fast, ids, scores, need, self_match, kept)
@@ -294,7 +294,7 @@ def finish_rows(
     return out_i, out_s
 
 
-def _ranked(
+def ranked(
     fs: FeatureSet, q: np.ndarray, ids: np.ndarray, qid: np.ndarray, self_match: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidates (-1 = none) with exact float64 scores, by (score desc, row asc); the query's own
@@ -339,4 +339,4 @@ def _settle_ties(
     for j, rows in zip(unsure, gathered, strict=True):
         wide[j, : len(rows)] = rows
         wide[j, len(rows) :] = -1
-    return _ranked(fs, q, wide, qid, self_match)
+    return ranked(fs, q, wide, qid, self_match)
