@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import SampleError
+from pipeline.errors import SampleError, UserError, reason
+from pipeline.extract import meta
 from pipeline.outdir import CHUNKS, chunk_path
 from pipeline.storage import Location, commit_bytes
 
@@ -28,6 +29,7 @@ class ShardRows:
     indices: list[int] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # upright (width, height) of each image
     members: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of each image in its tar
+    metas: list[dict] = field(default_factory=list)  # caption and .json fields of each sample
     features: list[np.ndarray] = field(default_factory=list)
     errors: list[SampleError] = field(default_factory=list)  # found on the device, beside the workers' own
 
@@ -39,12 +41,14 @@ class ShardRows:
         sizes: list[tuple[int, int]],
         feats: np.ndarray,
         members: list[tuple[int, int]] | None = None,
+        metas: list[dict] | None = None,
     ) -> None:
         self.keys += keys
         self.paths += paths
         self.indices += indices
         self.sizes += sizes
         self.members += members or [(-1, 0)] * len(keys)
+        self.metas += metas or [{}] * len(keys)
         self.features.append(feats)
 
     def __len__(self) -> int:
@@ -71,6 +75,7 @@ def chunk_table(rows: ShardRows) -> pa.Table:
             "height": pa.array([h for _, h in rows.sizes], pa.int32()),
             "offset": pa.array([o for o, _ in rows.members], pa.int64()),
             "length": pa.array([n for _, n in rows.members], pa.int64()),
+            **meta.columns(rows.metas),
             "embedding": emb,
         }
     )
@@ -120,6 +125,24 @@ def unreadable(out: Location, shards: list[str]) -> set[str]:
 
     with ThreadPoolExecutor(max_workers=1 if out.is_local else 16) as pool:
         return {s for s, bad in zip(names, pool.map(broken, names), strict=True) if bad}
+
+
+def chunk_schemas(out: Location, shards: list[str]) -> list[pa.Schema]:
+    """The shards' chunk schemas, from their footers alone (a few in parallel on object stores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def schema(shard: str) -> pa.Schema:
+        try:
+            with out.fs.open(chunk_path(out, shard), "rb") as f:
+                return pq.read_schema(f)
+        except Exception as exc:  # pyarrow's ArrowInvalid for a truncated or overwritten file
+            raise UserError(
+                f"{chunk_path(out, shard)} is not a readable Parquet chunk ({reason(exc)}); rerun the "
+                "extract command to redo that shard"
+            ) from None
+
+    with ThreadPoolExecutor(max_workers=1 if out.is_local else 16) as pool:
+        return list(pool.map(schema, shards))
 
 
 def chunk_matrix(table: pa.Table) -> np.ndarray:

@@ -9,6 +9,7 @@ of (run.json), and which shards are finished (done records), as shardformat.py k
   OUT/stats.json        the last run's figures
   OUT/errors.jsonl      every sample (or shard) that did not become a row, and why
   OUT/fts.npy, fts.pth, img_list.json   the consolidated outputs (names configurable)
+  OUT/metadata/metadata.parquet  each row's key, path, caption and .json fields, row-aligned with fts.npy
   OUT/removed.json      rows whose source file is gone (pack --relist found it so): kept in place,
                         so row numbers never move, and left out by match, dedup, index and query
 """
@@ -29,6 +30,10 @@ log = logging.getLogger("featpipe")
 RUN_FILE = "run.json"
 STATS_FILE = "stats.json"
 REMOVED_FILE = "removed.json"
+# key, path, caption, url, … row-aligned with fts.npy (extract/meta.py), alone in its folder:
+# embedding-reader pairs every .npy under one folder with every .parquet under another, recursively
+METADATA_DIR = "metadata"
+METADATA_FILE = f"{METADATA_DIR}/metadata.parquet"
 DIGEST_FILE = "digest.json"  # fts.npy's fingerprint, computed as consolidation wrote it, and its stamp
 CHUNKS = "chunks"
 DONE = "done"
@@ -210,6 +215,6 @@ def finished(out: Location) -> set[str]:
 def clear(out: Location, names: OutputNames) -> None:
     """Everything a run wrote, for --overwrite."""
     fs = out.fs
-    for p in (CHUNKS, DONE, FAILED, RUN_FILE, STATS_FILE, REMOVED_FILE, DIGEST_FILE, *names.all()):
+    for p in (CHUNKS, DONE, FAILED, RUN_FILE, STATS_FILE, REMOVED_FILE, METADATA_DIR, DIGEST_FILE, *names.all()):
         if fs.exists(out.join(p)):
             fs.rm(out.join(p), recursive=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from pipeline.cli.args import (
     add_barrier_timeout,
@@ -20,6 +21,9 @@ from pipeline.cli.args import (
 )
 from pipeline.cpu import default_workers
 from pipeline.errors import EXIT_ABORTED, EXIT_FAILURES, EXIT_OK
+
+if TYPE_CHECKING:
+    from pipeline.extract.meta import SampleRules
 
 
 def add_pack(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +147,19 @@ def add_extract(sub: argparse._SubParsersAction) -> None:
         help="unit vectors in every output (chunks, fts.npy, fts.pth), as autofaiss and clip-retrieval "
         "expect; without it the outputs are the original script's",
     )
+    p.add_argument(
+        "--image-field",
+        help="which member of a sample is the image, first present wins: webdataset's syntax, e.g. "
+        "'jpg;png;webp' (default: any image extension, jpg first); other images in the sample are "
+        "named in the row's other_images column",
+    )
+    meta = p.add_mutually_exclusive_group()
+    meta.add_argument(
+        "--meta",
+        help="the sample metadata kept as columns (chunks and metadata.parquet), e.g. caption,url,status "
+        "(default: the .txt caption and every scalar field of the sample's .json)",
+    )
+    meta.add_argument("--no-meta", action="store_true", help="keep no sample metadata")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(run=_cmd_extract)
@@ -210,7 +227,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         group_size=args.group_size,
-        read=ReadConfig(retries=args.retries, io_concurrency=args.io_concurrency),
+        read=ReadConfig(retries=args.retries, io_concurrency=args.io_concurrency, samples=sample_rules(args)),
         barrier_timeout_s=args.barrier_timeout,
         consolidate=not args.no_consolidate,
         compile=args.compile,
@@ -222,13 +239,22 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def sample_rules(args: argparse.Namespace) -> SampleRules:
+    from pipeline.extract.meta import SampleRules, parse_image_field, parse_meta
+
+    rules = SampleRules(meta=() if args.no_meta else parse_meta(args.meta) if args.meta else None)
+    if args.image_field:
+        rules = SampleRules(parse_image_field(args.image_field), rules.meta)
+    return rules
+
+
 def _cmd_consolidate(args: argparse.Namespace) -> int:
     from pipeline.extract.consolidate import consolidate
-    from pipeline.outdir import CHUNKS, DONE, FAILED, load_run
+    from pipeline.outdir import CHUNKS, DONE, FAILED, METADATA_DIR, load_run
     from pipeline.storage import locate, remove_stale_temps
 
     out = locate(args.out)
-    remove_stale_temps(out, CHUNKS, DONE, FAILED)  # what a killed or failed run left behind
+    remove_stale_temps(out, CHUNKS, DONE, FAILED, METADATA_DIR)  # what a killed or failed run left behind
     result = consolidate(out, load_run(out), output_names(args))
     print(f"{result.rows} rows ({result.dim}-dim), {result.errors} recorded failures → {args.out}")
     return EXIT_FAILURES if result.errors else EXIT_OK

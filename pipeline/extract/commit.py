@@ -40,6 +40,7 @@ class ChunkCommitter:
                 [batch.sizes[i] for i in keep],
                 feats,
                 [batch.members[i] for i in keep],
+                [batch.metas[i] for i in keep],
             )
         if batch.end is not None:
             self.writes.append(self.pool.submit(self._commit, self.pending.pop(batch.shard), batch.end))

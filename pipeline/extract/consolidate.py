@@ -1,5 +1,6 @@
 """Chunks → OUT/fts.npy (float16), OUT/fts.pth (float32 tensor), OUT/img_list.json, OUT/errors.jsonl,
-and OUT/removed.json (the rows whose source file the shards' manifest says is gone).
+OUT/metadata/metadata.parquet (key, path, caption, … row-aligned with the vectors) and
+OUT/removed.json (the rows whose source file the shards' manifest says is gone).
 
 Rows go in the run's shard order, then in-shard order, so the bytes do not depend on how many
 workers or ranks produced the chunks. Arrays are filled through memory maps one chunk at a time:
@@ -19,10 +20,20 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from pipeline.chunks import chunk_matrix, read_chunk
+from pipeline.chunks import chunk_matrix, chunk_schemas, read_chunk
 from pipeline.errors import UserError, reason
+from pipeline.extract.meta import MetadataFile
 from pipeline.faults import crash_point
-from pipeline.outdir import DIGEST_FILE, REMOVED_FILE, DoneRecord, OutputNames, RunInfo, chunk_path, read_done
+from pipeline.outdir import (
+    DIGEST_FILE,
+    METADATA_FILE,
+    REMOVED_FILE,
+    DoneRecord,
+    OutputNames,
+    RunInfo,
+    chunk_path,
+    read_done,
+)
 from pipeline.shardformat import MANIFEST
 from pipeline.storage import Location, commit_file, commit_json, locate, read_json, remove_quietly, staging_file
 from pipeline.units import format_bytes
@@ -46,16 +57,19 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
     staged: dict[str, str] = {}
     gone = manifest_removals(run)
     digest = VectorDigest(rows, dim, previous_rows(out))
+    written = (*names.all(), METADATA_FILE, REMOVED_FILE)
     try:
         with tempfile.TemporaryDirectory(prefix="featpipe-consolidate-") as tmp:
-            for name in (*names.all(), REMOVED_FILE):
+            for name in written:
                 staged[name] = staging_file(out.fs, out.join(name))
             generations = [s.generation for s in run.shards]
             f32 = os.path.join(tmp, "fts32.npy")
-            n_errors = _write(out, records, rows, dim, names, staged, f32, generations, gone, digest)
+            metadata = MetadataFile(staged[METADATA_FILE], chunk_schemas(out, [r.shard for r in records if r.rows]))
+            n_errors = _write(out, records, rows, dim, names, staged, f32, generations, gone, digest, metadata)
+            metadata.close()
         if out.fs.exists(out.join(DIGEST_FILE)):  # it describes the vectors about to be replaced
             out.fs.rm(out.join(DIGEST_FILE))
-        for name in (*names.all(), REMOVED_FILE):
+        for name in written:
             commit_file(out.fs, staged.pop(name), out.join(name))
             crash_point("consolidate")
         digest.commit(out, names.numpy_features)
@@ -93,6 +107,7 @@ def _write(
     generations: list[int],
     gone: set[tuple[str, int]],
     digest: VectorDigest,
+    metadata: MetadataFile,
 ) -> int:
     """Fill the staged files; returns the number of error records."""
     f16 = open_memmap(staged[names.numpy_features], mode="w+", dtype=np.float16, shape=(rows, dim))
@@ -113,6 +128,7 @@ def _write(
                 f32[row : row + len(mat)] = mat
                 f16[row : row + len(mat)] = mat
                 digest.update(f16[row : row + len(mat)])
+                metadata.add(table)
                 for p in table.column("path").to_pylist():
                     img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
                     if (p, generation) in gone:

@@ -29,6 +29,7 @@ class Batch:
     indices: list[int]
     sizes: list[tuple[int, int]]  # each image's upright (width, height) before resizing
     members: list[tuple[int, int]]  # each image's (offset, length) in its tar, (-1, 0) when unknown
+    metas: list[dict]  # each sample's caption and .json fields kept (extract/meta.py)
     end: ShardReport | None  # set on the shard's last batch: what else reading the shard found
 
     def __len__(self) -> int:
@@ -141,5 +142,6 @@ def _batch(shard: ShardRef, items: list[_Item], cfg: TransformConfig, report: Sh
         [r.index for r in raws],
         [it.size for it in items],
         [r.member for r in raws],
+        [r.meta for r in raws],
         report,
     )

@@ -15,6 +15,7 @@ from webdataset.tariterators import base_plus_ext
 
 from pipeline.errors import SampleError, first_line, reason
 from pipeline.extract.inputs import ShardRef
+from pipeline.extract.meta import SampleRules, Scalar, pick_image, sample_meta
 from pipeline.image.header import IMAGE_EXTENSIONS
 from pipeline.names import clean_text
 from pipeline.readmany import ReadPolicy, read_many
@@ -32,6 +33,7 @@ class ReadConfig:
     retries: int = 3  # transient read errors on one shard before it is recorded as failed
     backoff_s: float = 1.0
     io_concurrency: int | None = None  # folder mode: reads in flight per worker (None: by filesystem)
+    samples: SampleRules = field(default_factory=SampleRules)  # which member is the image, which metadata is kept
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RawSample:
     data: bytes | None
     error: str | None = None  # why `data` is missing
     member: tuple[int, int] = (-1, 0)  # the image's (offset, length) in an uncompressed tar, for reading it alone
+    meta: dict[str, Scalar] = field(default_factory=dict)  # caption and .json fields kept (meta.py)
 
 
 @dataclass
@@ -84,7 +87,7 @@ def _iter_tar(shard: ShardRef, report: ShardReport, read: ReadConfig) -> Iterato
                 for sample in _group(tar_members(stream, uncompressed=shard.url.endswith(".tar"))):
                     if position >= report.read:
                         report.read += 1
-                        yield _raw_from_tar(sample, position, shard, seen)
+                        yield _raw_from_tar(sample, position, shard, seen, read.samples)
                     position += 1
             break
         except _DAMAGE as exc:  # the bytes themselves: a rerun would find the same
@@ -135,7 +138,7 @@ def _group(members: Iterator[dict]) -> Iterator[dict]:
         yield current
 
 
-def _raw_from_tar(sample: dict, position: int, shard: ShardRef, seen: set[str]) -> RawSample:
+def _raw_from_tar(sample: dict, position: int, shard: ShardRef, seen: set[str], rules: SampleRules) -> RawSample:
     key = clean_text(sample["__key__"])
     meta, problem = _metadata(sample.get("json"))
     path = meta.get("path") or meta.get("url")
@@ -145,19 +148,21 @@ def _raw_from_tar(sample: dict, position: int, shard: ShardRef, seen: set[str]) 
     seen.add(key)
     if problem:
         return RawSample(key, path, position, None, problem)
-    field_name = meta.get("field")
-    if not isinstance(field_name, str) or field_name not in sample:
-        field_name = next((f for f in IMAGE_EXTENSIONS if f in sample), None)
-    if field_name is None:
-        return RawSample(key, path, position, None, _no_image_field(sample))
-    return RawSample(key, path, position, sample[field_name], member=sample["__members__"][field_name])
+    image, others = pick_image(sample, meta.get("field"), rules)
+    if image is None:
+        return RawSample(key, path, position, None, _no_image_field(sample, rules))
+    kept = sample_meta(sample, meta, others, rules)
+    return RawSample(key, path, position, sample[image], member=sample["__members__"][image], meta=kept)
 
 
-def _no_image_field(sample: dict) -> str:
+def _no_image_field(sample: dict, rules: SampleRules) -> str:
     """Why a sample has no image: most often base names with dots (webdataset's key ends at the
     first dot, so `cat.v2.jpg` is key `cat`, field `v2.jpg`, and `cat.v3.jpg` joins it)."""
     dotted = sorted(f for f in sample if not f.startswith("__") and f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
     if not dotted:
+        images = [f for f in sample if f in IMAGE_EXTENSIONS]
+        if images:  # images there, but none of the fields asked for
+            return f"sample has no {';'.join(rules.image_fields)} field (it has {';'.join(images)}): see --image-field"
         return "sample has no image field"
     names = ", ".join(f"{sample['__key__']}.{f}" for f in dotted)
     return (

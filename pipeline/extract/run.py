@@ -33,6 +33,7 @@ from pipeline.outdir import (
     CHUNKS,
     DONE,
     FAILED,
+    METADATA_DIR,
     STATS_FILE,
     OutputNames,
     RunInfo,
@@ -216,6 +217,7 @@ def _make_run(
     settings = {"model": cfg.model.fingerprint(), "transform": cfg.transform.fingerprint(), "precision": precision}
     if cfg.normalize:  # only when asked: runs made before the flag keep their fingerprint (and resume)
         settings["normalize"] = True
+    settings.update(cfg.read.samples.fingerprint())  # likewise: only what differs from the defaults
     # What a later `featpipe query` needs to embed a new image the same way (not part of the
     # fingerprint), and the library versions that made the vectors.
     source = {"model": cfg.model.source(), "transform": cfg.transform.fingerprint(), "precision": precision}
@@ -256,7 +258,7 @@ def _prepare_model(
 
 def _prepare_out(out: Location, run: RunInfo, cfg: ExtractConfig, ctx: dist.DistContext) -> None:
     if ctx.is_main:
-        remove_stale_temps(out, CHUNKS, DONE, FAILED)  # the other ranks wait at the barrier below
+        remove_stale_temps(out, CHUNKS, DONE, FAILED, METADATA_DIR)  # the other ranks wait at the barrier below
         if cfg.overwrite:
             clear(out, cfg.names)
         if not check_compatible(out, run):
