@@ -128,3 +128,133 @@ def test_pipe_urls_run_a_command_and_read_its_output(tmp_path):
     assert proc.returncode == 3 and len(json.loads((tmp_path / "partial" / "img_list.json").read_text())) == 2
     errors = (tmp_path / "partial" / "errors.jsonl").read_text()
     assert "pipe command exited 3: gone" in errors
+
+
+HOSTILE_CAPTION = '<b onmouseover="x()">bold</b> & "quoted"'
+
+
+def img2dataset_folder(folder, shards: int = 2, per_shard: int = 3):
+    """img2dataset 1.47's output layout: NNNNN.tar with KEY.jpg, KEY.txt (the caption) and KEY.json
+    (url, caption, key, status, error_message, width, height, original_width, original_height, exif,
+    sha256 and --save_additional_columns), and NNNNN.parquet and NNNNN_stats.json beside each tar.
+    Sample 0's caption is markup; the last sample repeats sample 0's image (a duplicate for show);
+    sample 4 holds a .png beside its .jpg; `aesthetic` is whole numbers in shard 0, fractions in 1."""
+    import hashlib
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    for s in range(shards):
+        rows = []
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for j in range(per_shard):
+                i, key = s * per_shard + j, f"{s:05d}{j:04d}"
+                image = jpeg(0 if i == shards * per_shard - 1 else i)
+                caption = HOSTILE_CAPTION if i == 0 else f"a photo number {i}"
+                meta = {
+                    "url": f"http://127.0.0.1:9/img/{i}.jpg",
+                    "caption": caption,
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": 96,
+                    "height": 72,
+                    "original_width": 960,
+                    "original_height": 720,
+                    "exif": "{}",
+                    "sha256": hashlib.sha256(image).hexdigest(),
+                    "aesthetic": 5 + i if s == 0 else 5.5 + i,
+                }
+                members = [("jpg", image), ("txt", caption.encode()), ("json", json.dumps(meta).encode())]
+                if i == 4:
+                    members.insert(1, ("png", jpeg(40)))  # bytes are never read: the jpg is the image
+                for ext, data in members:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                rows.append(meta)
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{s:05d}.parquet")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
+    return folder
+
+
+def test_img2dataset_captions_and_metadata_reach_every_output(tmp_path):
+    """img2dataset's shards → extract --normalize: the chunks and OUT/metadata/metadata.parquet
+    hold each sample's caption and .json fields under their own names, the file row-aligned with
+    fts.npy (embedding-reader reads both together); query and show answer with the caption."""
+    import pyarrow.parquet as pq
+    from embedding_reader import EmbeddingReader
+
+    out = tmp_path / "out"
+    run_cli("extract", img2dataset_folder(tmp_path / "i2d"), out, *MODEL, "--normalize")
+    paths = json.loads((out / "img_list.json").read_text())
+    assert paths == [f"http://127.0.0.1:9/img/{i}.jpg" for i in range(6)]
+    meta = pq.read_table(out / "metadata" / "metadata.parquet")
+    assert meta.column_names[:4] == ["key", "path", "caption", "url"] and meta.column("path").to_pylist() == paths
+    captions = meta.column("caption").to_pylist()
+    assert captions == [HOSTILE_CAPTION] + [f"a photo number {i}" for i in range(1, 6)]
+    assert meta.column("original_width").to_pylist() == [960] * 6 and meta.schema.field("aesthetic").type == "double"
+    assert meta.column("aesthetic").to_pylist() == [
+        5,
+        6,
+        7,
+        8.5,
+        9.5,
+        10.5,
+    ]  # whole in one shard, fractions in the other
+    assert meta.column("other_images").to_pylist() == [None] * 4 + ["png", None]  # skipped, but named
+    assert meta.column("error_message").to_pylist() == [None] * 6
+    chunk = pq.read_table(out / "chunks" / "00001.parquet")
+    assert chunk.column("status").to_pylist() == ["success"] * 3 and chunk.column("width").to_pylist() == [96] * 3
+    fts = np.load(out / "fts.npy").astype(np.float32)
+    reader = EmbeddingReader(str(out), metadata_folder=str(out / "metadata"), file_format="parquet_npy",
+                             meta_columns=["caption", "url"])  # fmt: skip
+    (emb, rows), *_ = list(reader(batch_size=6, start=0, end=6, show_progress=False))
+    assert np.allclose(emb, fts) and rows["caption"].tolist() == captions and rows["url"].tolist() == paths
+
+    hits = [json.loads(x) for x in run_cli("query", out, "000010001", "-k", "2", "--json").stdout.splitlines()]
+    assert hits[0]["row"] == 4 and hits[0]["caption"] == "a photo number 4"
+    run_cli("index", out, tmp_path / "index", "--no-progress")
+    hits = [
+        json.loads(x) for x in run_cli("query", tmp_path / "index", paths[0], "-k", "2", "--json").stdout.splitlines()
+    ]
+    assert {h["row"]: h["caption"] for h in hits} == {0: HOSTILE_CAPTION, 5: "a photo number 5"}  # 5 is 0's copy
+    run_cli("dedup", out, tmp_path / "dedup", "--threshold", "0.99", "--no-progress")
+    run_cli("show", tmp_path / "dedup", tmp_path / "page.html")
+    page = (tmp_path / "page.html").read_text()
+    assert "&lt;b onmouseover=&quot;x()&quot;&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot;" in page
+    assert "<b onmouseover" not in page and "a photo number 5" in page
+
+
+def test_meta_and_image_field_choose_what_is_kept(tmp_path):
+    """--meta keeps the fields named, --no-meta none (other images are still named); --image-field
+    png takes the png where a sample has one and records every other sample as lacking it; the
+    choices are in run.json's settings (a default run's settings do not name them)."""
+    import pyarrow.parquet as pq
+
+    src = img2dataset_folder(tmp_path / "i2d")
+    run_cli("extract", src, tmp_path / "some", *MODEL, "--meta", "status,caption")
+    assert pq.read_table(tmp_path / "some" / "metadata").column_names == [
+        "key",
+        "path",
+        "status",
+        "caption",
+        "other_images",
+    ]
+    run_cli("extract", src, tmp_path / "none", *MODEL, "--no-meta")
+    assert pq.read_table(tmp_path / "none" / "metadata").column_names == ["key", "path", "other_images"]
+    proc = run_cli("extract", src, tmp_path / "png", *MODEL, "--image-field", "png;webp", check=False)
+    assert proc.returncode == 3 and json.loads((tmp_path / "png" / "img_list.json").read_text()) == [
+        "http://127.0.0.1:9/img/4.jpg"
+    ]
+    errors = [json.loads(line) for line in (tmp_path / "png" / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 5 and all("has no png;webp field (it has jpg)" in e["reason"] for e in errors)
+    assert pq.read_table(tmp_path / "png" / "metadata").column("other_images").to_pylist() == ["jpg"]
+    settings = {d: json.loads((tmp_path / d / "run.json").read_text())["settings"] for d in ("some", "none", "png")}
+    assert settings["some"]["meta"] == ["status", "caption"] and settings["none"]["meta"] == []
+    assert settings["png"]["image_field"] == "png;webp" and "meta" not in settings["png"]
+    bad = run_cli("extract", src, tmp_path / "bad", *MODEL, "--meta", "width", check=False)
+    assert bad.returncode == 1 and "featpipe's own column" in bad.stderr and not (tmp_path / "bad").exists()

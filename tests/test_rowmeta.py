@@ -43,12 +43,15 @@ def small(tmp_path_factory):
 
 def test_names_are_read_by_row_and_looked_up_by_name(small):
     paths = json.loads((small / "features" / "img_list.json").read_text())
-    keys = pq.read_table(small / "features" / "chunks").column("key").to_pylist()
+    chunks = pq.read_table(small / "features" / "chunks")
+    keys, captions = chunks.column("key").to_pylist(), chunks.column("caption").to_pylist()
     rows = RowMeta(locate(str(small / "index")))
     assert rows.n == 10_000 and rows.names([0, 4321, 9999]) == (
         [keys[r] for r in (0, 4321, 9999)],
         [paths[r] for r in (0, 4321, 9999)],
+        [captions[r] for r in (0, 4321, 9999)],
     )
+    assert captions[4321].startswith("picture 4321 of cluster ")
     assert [rows.row_of(keys[r]) for r in (0, 2999, 3000, 9999)] == [0, 2999, 3000, 9999]  # across shard edges
     assert rows.row_of(paths[5000]) == 5000 and rows.row_of("s3://photos/not/there.jpg") is None
     assert pq.read_table(small / "index" / "ids.parquet").column("path").to_pylist() == paths  # for other tools
@@ -57,15 +60,19 @@ def test_names_are_read_by_row_and_looked_up_by_name(small):
     assert name_hash(keys[0]) in set(hashes.tolist())
 
 
-def test_query_answers_with_the_right_key_and_path_by_key_or_path(small):
+def test_query_answers_with_the_right_key_path_and_caption_by_key_or_path(small):
     paths = json.loads((small / "features" / "img_list.json").read_text())
-    keys = pq.read_table(small / "features" / "chunks").column("key").to_pylist()
+    chunks = pq.read_table(small / "features" / "chunks")
+    keys, captions = chunks.column("key").to_pylist(), chunks.column("caption").to_pylist()
     for query in (paths[1234], keys[1234]):
         hits = [
             json.loads(x) for x in run_cli("query", small / "index", query, "-k", "2", "--json").stdout.splitlines()
         ]
         assert hits[0]["row"] == 1234 and hits[0]["score"] > 0.9999
         assert all(h["key"] == keys[h["row"]] and h["path"] == paths[h["row"]] for h in hits)
+        assert all(h["caption"] == captions[h["row"]] for h in hits)
+    text = run_cli("query", small / "index", keys[1234], "-k", "1").stdout.splitlines()
+    assert text[1].split("\t")[2:] == [paths[1234], captions[1234]]
     proc = run_cli("query", small / "index", "no-such-key", check=False)
     assert proc.returncode == 1 and "query it with keys, paths" in proc.stderr  # not found: taken for an image
 

@@ -33,13 +33,15 @@ def shard_rows(name: str, index: int, start: int, count: int, dim: int, seed: in
     """One shard's rows: members of 1,000 clusters, every 50th row a near-copy of the row before."""
     rng = np.random.default_rng([seed, index])
     centres = np.random.default_rng([seed, 1 << 30]).standard_normal((1000, dim)).astype(np.float32)
-    x = centres[rng.integers(0, len(centres), count)] + 0.3 * rng.standard_normal((count, dim), dtype=np.float32)
+    cluster = rng.integers(0, len(centres), count)
+    x = centres[cluster] + 0.3 * rng.standard_normal((count, dim), dtype=np.float32)
     x[1::50] = x[0::50][: len(x[1::50])] + 0.001 * rng.standard_normal((len(x[1::50]), dim), dtype=np.float32)
     rows = ShardRows(name)
     keys = [f"{index:06d}_{i:06d}" for i in range(count)]
     paths = [f"s3://photos/{_key(seed, start + i)}.jpg" for i in range(count)]
     sizes = [(640, 480)] * count
-    rows.add(keys, paths, list(range(count)), sizes, x)
+    metas = [{"caption": f"picture {start + i} of cluster {c}"} for i, c in enumerate(cluster.tolist())]
+    rows.add(keys, paths, list(range(count)), sizes, x, metas=metas)
     return rows
 
 

@@ -158,11 +158,11 @@ def _raw_from_tar(sample: dict, position: int, shard: ShardRef, seen: set[str], 
 def _no_image_field(sample: dict, rules: SampleRules) -> str:
     """Why a sample has no image: most often base names with dots (webdataset's key ends at the
     first dot, so `cat.v2.jpg` is key `cat`, field `v2.jpg`, and `cat.v3.jpg` joins it)."""
-    dotted = sorted(f for f in sample if not f.startswith("__") and f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+    images = [f for f in sample if f in IMAGE_EXTENSIONS]
+    if images:  # images there, but none of the fields asked for
+        return f"sample has no {';'.join(rules.image_fields)} field (it has {';'.join(images)}): see --image-field"
+    dotted = sorted(f for f in sample if "." in f and f.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
     if not dotted:
-        images = [f for f in sample if f in IMAGE_EXTENSIONS]
-        if images:  # images there, but none of the fields asked for
-            return f"sample has no {';'.join(rules.image_fields)} field (it has {';'.join(images)}): see --image-field"
         return "sample has no image field"
     names = ", ".join(f"{sample['__key__']}.{f}" for f in dotted)
     return (

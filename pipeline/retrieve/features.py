@@ -207,6 +207,11 @@ class FeatureSet:
         return list(zip(cols["offset"], cols["length"], strict=True))
 
     @property
+    def captions(self) -> list[str | None] | None:
+        """Each row's caption (.txt) where extract kept one, from the chunks (None: no chunk has one)."""
+        return self._chunk_columns.get("caption")
+
+    @property
     def shards(self) -> list[str] | None:
         """Each row's shard name, from the chunks."""
         return self._chunk_columns.get("shard")
@@ -230,20 +235,24 @@ class FeatureSet:
 
     @cached_property
     def _chunk_columns(self) -> dict[str, list]:
-        """key, shard, width, height, offset and length in row order, from the chunks' small columns alone."""
+        """key, shard, width, height, offset, length and caption in row order, from the chunks'
+        small columns alone."""
         if self.folder is None:
             return {}
-        columns: dict[str, list] = {}
-        for block in self.chunk_blocks(("key", "shard", "width", "height", "offset", "length")):
-            for name, values in block.items():
-                columns.setdefault(name, []).extend(values)
+        wanted = ("key", "shard", "width", "height", "offset", "length", "caption")
+        columns: dict[str, list] = {name: [] for name in wanted}
+        for block in self.chunk_blocks(wanted):
+            count = len(block["key"])
+            for name in wanted:  # None where a chunk lacks the column (earlier featpipes; no captions)
+                columns[name].extend(block.get(name, [None] * count))
+        columns = {name: values for name, values in columns.items() if any(v is not None for v in values)}
         if len(columns.get("key", [])) != self.n:
             raise UserError(
                 f"{self.folder}: its chunks hold {len(columns.get('key', []))} rows, its features {self.n}; "
                 "run `featpipe consolidate` again"
             )
-        for pair in (("width", "height"), ("offset", "length")):  # absent from chunks of earlier featpipes
-            if pair[0] in columns and len(columns[pair[0]]) != self.n:
+        for pair in (("width", "height"), ("offset", "length")):  # all or nothing: missing from old chunks
+            if pair[0] in columns and None in columns[pair[0]]:
                 for name in pair:
                     del columns[name]
         return columns

@@ -45,6 +45,7 @@ class Hit:
     row: int
     key: str | None
     path: str | None
+    caption: str | None = None  # the sample's caption (.txt), where extract kept one
 
 
 class Target:
@@ -108,12 +109,12 @@ class Target:
         """INDEX/rows/, read by row (indexes of earlier featpipes and FEATURES have none)."""
         return RowMeta(self.loc) if self.meta and rowmeta.exists(self.loc) else None
 
-    def names(self, rows) -> tuple[list, list]:
-        """(keys, paths) of these rows: read on demand from INDEX/rows/, else from lists in memory."""
+    def names(self, rows) -> tuple[list, list, list]:
+        """(keys, paths, captions) of these rows: read on demand from INDEX/rows/, else from lists
+        in memory."""
         if self._rows is not None:
             return self._rows.names(rows)
-        keys, paths = self._ids
-        return [keys[r] for r in rows], [paths[r] for r in rows]
+        return tuple([column[r] for r in rows] for column in self._ids)
 
     @property
     def places(self):
@@ -127,20 +128,20 @@ class Target:
         return self._row_of.get(name)
 
     @cached_property
-    def _ids(self) -> tuple[list, list]:
-        """(keys, paths) by row, all of them (an index without rows/, or FEATURES)."""
+    def _ids(self) -> tuple[list, list, list]:
+        """(keys, paths, captions) by row, all of them (an index without rows/, or FEATURES)."""
         if self.meta:
             from pipeline.chunks import read_parquet
 
             with self.loc.fs.open(self.loc.join(IDS_FILE), "rb") as f:
                 t = read_parquet(f)
-            return t.column("key").to_pylist(), t.column("path").to_pylist()
+            return t.column("key").to_pylist(), t.column("path").to_pylist(), [None] * len(t)
         fs = self.features
-        return fs.keys or [None] * fs.n, fs.paths or [None] * fs.n
+        return fs.keys or [None] * fs.n, fs.paths or [None] * fs.n, fs.captions or [None] * fs.n
 
     @cached_property
     def _row_of(self) -> dict[str, int]:
-        keys, paths = self._ids
+        keys, paths, _ = self._ids
         table: dict[str, int] = {}
         for names in (keys, paths):  # keys first, then paths; the first row of a name
             for i, v in enumerate(names):
@@ -289,10 +290,10 @@ def search_hits(target: Target, labels: list[str], x: np.ndarray, k: int, offset
     x = unit_rows(x)
     ids, scores = target.search(x, k + offset)
     places = [(i, r) for i in range(len(labels)) for r in range(offset, ids.shape[1]) if ids[i, r] >= 0]
-    keys, paths = target.names([ids[i, r] for i, r in places])
+    keys, paths, captions = target.names([ids[i, r] for i, r in places])
     return [
-        Hit(labels[i], r, float(scores[i, r]), int(ids[i, r]), key, path)
-        for (i, r), key, path in zip(places, keys, paths, strict=True)
+        Hit(labels[i], r, float(scores[i, r]), int(ids[i, r]), key, path, caption)
+        for (i, r), key, path, caption in zip(places, keys, paths, captions, strict=True)
     ]
 
 
@@ -394,5 +395,6 @@ def format_hits(hits: list[Hit], as_json: bool) -> str:
         if h.query != current:
             lines.append(f"# {h.query}")
             current = h.query
-        lines.append(f"{h.rank}\t{h.score:.4f}\t{h.path or h.key or h.row}")
+        line = f"{h.rank}\t{h.score:.4f}\t{h.path or h.key or h.row}"
+        lines.append(line + ("\t" + " ".join(h.caption.split()) if h.caption else ""))  # one line a hit
     return "\n".join(lines)

@@ -1,9 +1,10 @@
-"""Row metadata on demand (issue 31): each row's key, path and where its image lies (shard, byte
-range in the tar) read by row number, and a key or path turned into its row, without loading every
-name. This module owns the layout of INDEX/rows/:
+"""Row metadata on demand (issue 31): each row's key, path, caption and where its image lies
+(shard, byte range in the tar) read by row number, and a key or path turned into its row, without
+loading every name. This module owns the layout of INDEX/rows/:
 
-    {key,path,shard}.offsets.npy        uint64 (N + 1,): row r's UTF-8 bytes are [off[r], off[r+1])
-    {key,path,shard}.bytes              the names, back to back (a null name is empty)
+    {key,path,shard,caption}.offsets.npy  uint64 (N + 1,): row r's UTF-8 bytes are [off[r], off[r+1])
+    {key,path,shard,caption}.bytes        the texts, back to back (a null one is empty; indexes of
+                                          earlier featpipes have no caption files: no captions)
     offset.npy, length.npy              int64 (N,): the image's bytes in its tar (-1: unknown)
     lookup.hash.npy, lookup.row.npy     every key's and path's hash, sorted, and its row
 
@@ -31,7 +32,7 @@ from pipeline.retrieve.features import FeatureSet
 from pipeline.storage import Location, commit_file, local_copy, staging_file
 
 FOLDER = "rows"
-FIELDS = ("key", "path", "shard")  # text, read by row
+FIELDS = ("key", "path", "shard", "caption")  # text, read by row
 NUMBERS = ("offset", "length")  # int64, read by row
 LOOKUP_FIELDS = ("key", "path")  # the names a row is found by
 LOOKUP_HASH, LOOKUP_ROW = "lookup.hash.npy", "lookup.row.npy"
@@ -130,20 +131,24 @@ class RowMeta:
             path = loc.join(FOLDER, name)
             return path if loc.is_local else local_copy(loc.fs, path)
 
-        self.offsets = {f: np.load(local(f"{f}.offsets.npy"), mmap_mode="r") for f in FIELDS}
+        present = [f for f in FIELDS if f != "caption" or loc.fs.exists(loc.join(FOLDER, "caption.bytes"))]
+        self.offsets = {f: np.load(local(f"{f}.offsets.npy"), mmap_mode="r") for f in present}
         self.numbers = {f: np.load(local(f"{f}.npy"), mmap_mode="r") for f in NUMBERS}
-        self.data = {f: _bytes(local(f"{f}.bytes")) for f in FIELDS}
+        self.data = {f: _bytes(local(f"{f}.bytes")) for f in present}
         self.hashes = np.load(local(LOOKUP_HASH), mmap_mode="r")
         self.rows = np.load(local(LOOKUP_ROW), mmap_mode="r")
         self.n = len(self.offsets["key"]) - 1
 
     def name(self, field: str, row: int) -> str | None:
+        if field not in self.offsets:
+            return None
         start, stop = int(self.offsets[field][row]), int(self.offsets[field][row + 1])
         return bytes(self.data[field][start:stop]).decode() if stop > start else None
 
-    def names(self, rows: Iterable[int]) -> tuple[list, list]:
+    def names(self, rows: Iterable[int]) -> tuple[list, list, list]:
+        """(keys, paths, captions) of these rows."""
         rows = [int(r) for r in rows]
-        return [self.name("key", r) for r in rows], [self.name("path", r) for r in rows]
+        return tuple([self.name(f, r) for r in rows] for f in ("key", "path", "caption"))
 
     def places(self, rows: Iterable[int]) -> dict[int, RowPlace]:
         return {

@@ -243,7 +243,7 @@ h1{font-size:18px}h2{font-size:15px;margin:1.2em 0 .4em}
 .row{display:flex;flex-wrap:wrap;gap:8px;padding:8px;background:#fff;border:1px solid #ddd;border-radius:6px}
 figure{margin:0;width:%(w)dpx}figure img,figure .none{width:%(w)dpx;height:%(w)dpx;object-fit:contain;background:#eee}
 figure .none{display:flex;align-items:center;justify-content:center;color:#888}
-figcaption{font-size:11px;overflow-wrap:anywhere;max-height:4.5em;overflow:hidden}
+figcaption{font-size:11px;overflow-wrap:anywhere;max-height:6em;overflow:hidden}figcaption i{display:block;color:#444}
 .badge{font-weight:600}.query .badge,.representative .badge{color:#b50}nav{margin:1em 0}"""
 
 
@@ -258,6 +258,7 @@ def _render(
 ) -> str:
     e = lambda s: html.escape(str(s), quote=True)  # every text and attribute goes through it
     keys = fs.keys if fs else None
+    said = fs.captions if fs else None  # the samples' own captions (.txt), where extract kept them
     nav = " · ".join(f"<b>{i + 1}</b>" if i == page else f'<a href="{e(n)}">{i + 1}</a>' for i, n in enumerate(names))
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(heading)}</title>",
@@ -277,7 +278,8 @@ def _render(
             parts.append(
                 f'<figure class="{cls}" title="{e(t.caption)}">{img}<figcaption><span class=badge>'
                 f"{e(t.badge)}</span> {e(t.caption.rsplit('/', 1)[-1])} <small>(row {t.row}{e(key)})</small>"
-                "</figcaption></figure>"
+                + (f"<i>{e(said[t.row])}</i>" if said and said[t.row] else "")
+                + "</figcaption></figure>"
             )
         parts.append("</div>")
     parts.append(f"<nav>page {nav}</nav></body></html>\n")

@@ -306,7 +306,7 @@ class Engine:
         for h in search_hits(target, slots, x, deepest):
             by_slot[h.query].append(h)
         return [
-            [Hit(label, h.rank, h.score, h.row, h.key, h.path) for h in by_slot[slot][offset : offset + k]]
+            [Hit(label, h.rank, h.score, h.row, h.key, h.path, h.caption) for h in by_slot[slot][offset : offset + k]]
             for slot, (_, _, k, offset, label, _) in zip(slots, batch, strict=True)
         ]
 

@@ -16,7 +16,7 @@ form{display:flex;gap:.5em;margin:.6em 0}input[type=text]{flex:1;padding:.4em}
 #grid{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:170px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:5px;cursor:pointer}
 figure img{width:160px;height:160px;object-fit:contain;background:#eee;display:block}
-figcaption{font-size:11px;overflow-wrap:anywhere}.score{font-weight:600}
+figcaption{font-size:11px;overflow-wrap:anywhere}.score{font-weight:600}.caption{color:#444;font-style:italic}
 #status.error{color:#b00}#query{display:flex;align-items:center;gap:.6em;margin:.4em 0}
 #query img{width:64px;height:64px;object-fit:contain;background:#eee}#pager{margin:.8em 0}
 </style></head><body>
@@ -68,6 +68,10 @@ function show(hits) {
     const score = document.createElement("span"); score.className = "score"; score.textContent = h.score.toFixed(4);
     const name = document.createElement("div"); name.textContent = (h.path || h.key || "row " + h.row);
     cap.append(score, " · #" + h.rank + " · row " + h.row, name);
+    if (h.caption) {  // the sample's own caption (img2dataset's .txt), as text: never markup
+      const said = document.createElement("div"); said.className = "caption"; said.textContent = h.caption;
+      cap.append(said); img.alt = h.caption;
+    }
     fig.append(img, cap);
     fig.addEventListener("click", () => { location.hash = "row=" + h.row; });
     grid.append(fig);
