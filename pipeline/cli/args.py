@@ -165,3 +165,34 @@ def model_config(args: argparse.Namespace):
     from pipeline.models.base import ModelConfig
 
     return ModelConfig(args.model_repo, args.model_name, args.weights, args.model)
+
+
+def add_foreign_flags(p: argparse.ArgumentParser) -> None:
+    """For FEATURES that another tool wrote (pipeline/retrieve/foreign.py)."""
+    p.add_argument(
+        "--embedding-column",
+        metavar="NAME",
+        help="when FEATURES is a folder of Parquet files: the column of embeddings (default: the only "
+        "list-of-floats column)",
+    )
+    p.add_argument(
+        "--path-column",
+        metavar="NAME",
+        help="when FEATURES is another tool's folder: the column of each row's path (default: image_path, "
+        "path, url or filepath)",
+    )
+
+
+def import_foreign(spec: str, args: argparse.Namespace) -> None:
+    """Another tool's folder imported with the columns asked for (later commands reuse them)."""
+    if not (args.embedding_column or args.path_column):
+        return
+    from pipeline.outdir import RUN_FILE
+    from pipeline.retrieve.foreign import Columns, imported
+    from pipeline.retrieve.index import META_FILE
+    from pipeline.storage import locate
+
+    loc = locate(spec)
+    if loc.fs.exists(loc.join(RUN_FILE)) or loc.fs.exists(loc.join(META_FILE)) or not loc.fs.isdir(loc.path):
+        raise UserError(f"--embedding-column and --path-column are for another tool's folder; {spec} is not one")
+    imported(spec, Columns(args.embedding_column, args.path_column))

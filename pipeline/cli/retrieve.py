@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.args import add_barrier_timeout, cosine, non_negative, positive, size
+from pipeline.cli.args import (
+    add_barrier_timeout,
+    add_foreign_flags,
+    cosine,
+    import_foreign,
+    non_negative,
+    positive,
+    size,
+)
 from pipeline.errors import EXIT_OK
+
+FEATURES_HELP = (
+    "an extract output folder, another tool's embeddings folder (clip-retrieval / embedding-reader "
+    "img_emb/*.npy + metadata/*.parquet, or Parquet files with an embedding column), or a .npy / .pth file"
+)
 
 
 def add_match(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser(
         "match", help="features → all-vs-all k nearest neighbours (matches.npy, scores.npy, neighbors.parquet)"
     )
-    m.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    m.add_argument("features", help=FEATURES_HELP)
     m.add_argument("out", help="output folder")
+    add_foreign_flags(m)
     m.add_argument("-k", type=positive, default=10, help="neighbours per vector (default 10)")
     m.add_argument("--exclude-self", action="store_true", help="do not list each vector as its own neighbour")
     m.add_argument("--numpy-matches", default="matches.npy", help="neighbour rows file name in OUT (uint32)")
@@ -66,7 +80,8 @@ def _search_settings(args: argparse.Namespace) -> dict:
 
 def add_dedup(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("dedup", help="features → near-duplicate groups (groups.json, duplicates.json, to_remove.txt)")
-    d.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    d.add_argument("features", help=FEATURES_HELP)
+    add_foreign_flags(d)
     d.add_argument("out", help="output folder (also holds the kNN search it rides on)")
     d.add_argument(
         "--threshold",
@@ -89,7 +104,8 @@ def add_dedup(sub: argparse._SubParsersAction) -> None:
 
 def add_index(sub: argparse._SubParsersAction) -> None:
     i = sub.add_parser("index", help="features → a faiss index (index.faiss, ids.parquet, index.json) to query")
-    i.add_argument("features", help="an extract output folder, or a .npy / .pth file of N×D vectors")
+    i.add_argument("features", help=FEATURES_HELP)
+    add_foreign_flags(i)
     i.add_argument("index", help="output folder for the index")
     i.add_argument(
         "--index-key",
@@ -111,6 +127,7 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(run=_cmd_index)
     q = sub.add_parser("query", help="nearest images to an image file or URL, a key or path in the set, or vectors")
     q.add_argument("target", metavar="INDEX_OR_FEATURES", help="an index folder, or FEATURES searched exactly")
+    add_foreign_flags(q)
     q.add_argument(
         "queries",
         metavar="QUERY",
@@ -142,6 +159,7 @@ def add_index(sub: argparse._SubParsersAction) -> None:
 def add_serve(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("serve", help="the index as a query service with a page in the browser")
     v.add_argument("target", metavar="INDEX_OR_FEATURES", help="an index folder, or FEATURES searched exactly")
+    add_foreign_flags(v)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=non_negative, default=8000, help="port (default 8000; 0 picks a free one)")
     v.add_argument("--device", default="auto", help="where to embed image and text queries: auto, cpu, cuda")
@@ -202,6 +220,7 @@ def add_show(sub: argparse._SubParsersAction) -> None:
 def _cmd_match(args: argparse.Namespace) -> int:
     from pipeline.retrieve.match import MatchConfig, MatchNames, run_match, summary
 
+    import_foreign(args.features, args)
     names = MatchNames(args.numpy_matches, args.numpy_similarity_scores)
     cfg = MatchConfig(
         args.features, args.out, k=args.k, exclude_self=args.exclude_self, names=names, **_search_settings(args)
@@ -213,6 +232,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
 def _cmd_dedup(args: argparse.Namespace) -> int:
     from pipeline.retrieve.dedup import DedupConfig, run_dedup, summary
 
+    import_foreign(args.features, args)
     cfg = DedupConfig(args.features, args.out, args.threshold, args.k, args.linkage, _search_settings(args))
     print(summary(run_dedup(cfg), args.out.rstrip("/")))
     return EXIT_OK
@@ -221,6 +241,7 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     from pipeline.retrieve.index import IndexConfig, build_index, summary
 
+    import_foreign(args.features, args)
     cfg = IndexConfig(
         args.features,
         args.index,
@@ -239,6 +260,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     from pipeline.retrieve.query import format_hits, run_query
 
+    import_foreign(args.target, args)
     hits = run_query(args.target, args.queries, args.k, args.device, args.timeout, args.text)
     print(format_hits(hits, args.json))
     return EXIT_OK
@@ -249,6 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.serve.engine import Limits
     from pipeline.serve.server import serve
 
+    import_foreign(args.target, args)
     limits = Limits(
         default_k=args.k,
         max_k=args.max_k,

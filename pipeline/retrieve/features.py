@@ -1,5 +1,6 @@
 """FEATURES for the retrieval verbs: an extract output folder (its fts.npy, with keys and paths from
-its chunks), or a bare `.npy` / `.pth` file of N×D vectors, on a local disk or a store. Rows are
+its chunks), another tool's embeddings folder (foreign.py: imported once, then read the same way),
+or a bare `.npy` / `.pth` file of N×D vectors, on a local disk or a store. Rows are
 read in blocks with plain file reads, never loaded whole, so memory stays flat whatever N is (a
 memory map would do the same work but count every touched page in the process's resident memory).
 
@@ -13,7 +14,7 @@ import hashlib
 import json
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -40,6 +41,7 @@ class FeatureSet:
     offset: int  # bytes before row 0 in `file` (.npy header)
     folder: str | None  # the extract output folder, when FEATURES is one
     tensor: Any = None  # a .pth file's tensor, memory-mapped by torch
+    rows_file: str | None = None  # another tool's folder: its rows' path, key and caption (foreign.py)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32."""
@@ -109,6 +111,11 @@ class FeatureSet:
     @cached_property
     def _recorded(self) -> dict[str, str]:
         """digest.json's fingerprints by row count, when its stamp is the vector file's now."""
+        if self.rows_file is not None:  # hashed when imported, and the import is checked on each open
+            from pipeline.retrieve.foreign import recorded_fingerprint
+
+            recorded = recorded_fingerprint(os.path.dirname(self.rows_file))
+            return {str(self.n): recorded} if recorded else {}
         if self.folder is None:
             return {}
         loc = locate(self.folder)
@@ -152,7 +159,7 @@ class FeatureSet:
     @cached_property
     def paths(self) -> list[str] | None:
         if self.folder is None:
-            return None
+            return self._chunk_columns.get("path")
         img_list = OutputNames().img_list
         loc = locate(self.folder)
         with loc.fs.open(loc.join(img_list), "rb") as f:
@@ -223,6 +230,12 @@ class FeatureSet:
 
         from pipeline.outdir import read_done
 
+        if self.rows_file is not None:  # another tool's folder, imported: its rows in blocks
+            table = pq.ParquetFile(self.rows_file, pre_buffer=False)
+            names = [c for c in wanted if c in table.schema_arrow.names]
+            for batch in table.iter_batches(1 << 16, columns=names, use_threads=False):
+                yield {name: batch.column(name).to_pylist() for name in names}
+            return
         out = locate(self.folder)
         for shard in load_run(out).shard_names:
             if not read_done(out, shard).rows:
@@ -237,18 +250,21 @@ class FeatureSet:
     def _chunk_columns(self) -> dict[str, list]:
         """key, shard, width, height, offset, length and caption in row order, from the chunks'
         small columns alone."""
-        if self.folder is None:
+        if self.folder is None and self.rows_file is None:
             return {}
         wanted = ("key", "shard", "width", "height", "offset", "length", "caption")
+        wanted += ("path",) if self.rows_file else ()  # an extract's paths are its img_list.json
         columns: dict[str, list] = {name: [] for name in wanted}
+        total = 0
         for block in self.chunk_blocks(wanted):
             count = len(block["key"])
+            total += count
             for name in wanted:  # None where a chunk lacks the column (earlier featpipes; no captions)
                 columns[name].extend(block.get(name, [None] * count))
         columns = {name: values for name, values in columns.items() if any(v is not None for v in values)}
-        if len(columns.get("key", [])) != self.n:
+        if total != self.n:
             raise UserError(
-                f"{self.folder}: its chunks hold {len(columns.get('key', []))} rows, its features {self.n}; "
+                f"{self.folder or self.source}: its rows hold {total} names, its features {self.n} vectors; "
                 "run `featpipe consolidate` again"
             )
         for pair in (("width", "height"), ("offset", "length")):  # all or nothing: missing from old chunks
@@ -272,10 +288,7 @@ def open_features(spec: str | os.PathLike) -> FeatureSet:
         return _from_store(spec, loc)
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, RUN_FILE)):
-            raise UserError(
-                f"{spec} is a folder but not a featpipe extract output (no {RUN_FILE}); "
-                "give the output folder of `featpipe extract`, or a .npy / .pth file"
-            )
+            return _foreign(spec, loc)
         fts = os.path.join(spec, OutputNames().numpy_features)
         if not os.path.exists(fts):
             raise UserError(f"{spec} has no {OutputNames().numpy_features}; run `featpipe consolidate {spec}` first")
@@ -293,7 +306,7 @@ def _from_store(spec: str, loc: Location) -> FeatureSet:
         is_dir = loc.fs.isdir(loc.path)
         if is_dir:
             if not loc.fs.exists(loc.join(RUN_FILE)):
-                raise UserError(f"{spec} is a folder but not a featpipe extract output (no {RUN_FILE})")
+                return _foreign(spec, loc)
             fts = loc.join(OutputNames().numpy_features)
             if not loc.fs.exists(fts):
                 raise UserError(
@@ -310,6 +323,21 @@ def _from_store(spec: str, loc: Location) -> FeatureSet:
     if spec.endswith((".pth", ".pt")):
         return _from_pth(spec, local)
     return _from_npy(spec, local, folder=None)
+
+
+def _foreign(spec: str, loc: Location) -> FeatureSet:
+    """Another tool's embeddings folder (foreign.py), through its import in the local cache."""
+    from pipeline.retrieve import foreign
+
+    if foreign.detect(loc) is None:
+        raise UserError(
+            f"{spec} is a folder but not a featpipe extract output (no {RUN_FILE}) nor embeddings "
+            "(img_emb/*.npy + metadata/*.parquet, or Parquet files with an embedding column); give the output "
+            "folder of `featpipe extract`, or a .npy / .pth file"
+        )
+    cache = foreign.imported(spec)
+    fs = _from_npy(spec, os.path.join(cache, foreign.VECTORS_FILE), folder=None)
+    return replace(fs, rows_file=os.path.join(cache, foreign.ROWS_FILE))
 
 
 def features_exist(spec: str) -> bool:

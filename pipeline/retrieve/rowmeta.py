@@ -58,7 +58,7 @@ class RowPlace:
 def row_blocks(fs: FeatureSet) -> Iterator[dict[str, list]]:
     """FIELDS and NUMBERS a shard at a time in row order (nulls and -1 for a bare .npy / .pth, and
     for columns chunks of earlier featpipes lack)."""
-    if fs.folder is None:
+    if fs.folder is None and fs.rows_file is None:
         for start in range(0, fs.n, _BLOCK):
             count = min(_BLOCK, fs.n - start)
             yield {**{f: [None] * count for f in FIELDS}, "offset": [-1] * count, "length": [0] * count}
@@ -74,7 +74,8 @@ def row_blocks(fs: FeatureSet) -> Iterator[dict[str, list]]:
         }
     if rows != fs.n:
         raise UserError(
-            f"{fs.folder}: its chunks hold {rows} rows, its features {fs.n}; run `featpipe consolidate` again"
+            f"{fs.folder or fs.source}: its rows hold {rows} names, its features {fs.n} vectors; "
+            "run `featpipe consolidate` again"
         )
 
 
