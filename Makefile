@@ -80,8 +80,9 @@ bench: install
 	$(BIN)/python tools/bench_models.py
 	$(BIN)/python tools/bench_grow.py
 	$(BIN)/python tools/bench_index.py
+	$(BIN)/python tools/bench_interop.py
 
-# autofaiss for bench_index.py, in its own venv: it pins numpy < 2, and its OPQ code calls
+# autofaiss for bench_index.py and bench_interop.py, in its own venv: it pins numpy < 2, and its OPQ code calls
 # faiss.OPQMatrix with keywords that faiss 1.8+ refuses (faiss-cpu < 1.8), pyarrow 20 to import
 AUTOFAISS_VENV := bench-out/autofaiss-venv
 bench: $(AUTOFAISS_VENV)/bin/autofaiss

@@ -181,12 +181,18 @@ def img2dataset_folder(folder, shards: int = 2, per_shard: int = 3):
     return folder
 
 
-def test_img2dataset_captions_and_metadata_reach_every_output(tmp_path):
+def test_img2dataset_captions_and_metadata_reach_every_output(tmp_path, monkeypatch):
     """img2dataset's shards → extract --normalize: the chunks and OUT/metadata/metadata.parquet
     hold each sample's caption and .json fields under their own names, the file row-aligned with
     fts.npy (embedding-reader reads both together); query and show answer with the caption."""
+    import duckdb
+    import pandas as pd
     import pyarrow.parquet as pq
     from embedding_reader import EmbeddingReader
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read when datasets is imported: never the network
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from datasets import Dataset, concatenate_datasets
 
     out = tmp_path / "out"
     run_cli("extract", img2dataset_folder(tmp_path / "i2d"), out, *MODEL, "--normalize")
@@ -214,6 +220,15 @@ def test_img2dataset_captions_and_metadata_reach_every_output(tmp_path):
                              meta_columns=["caption", "url"])  # fmt: skip
     (emb, rows), *_ = list(reader(batch_size=6, start=0, end=6, show_progress=False))
     assert np.allclose(emb, fts) and rows["caption"].tolist() == captions and rows["url"].tolist() == paths
+    frame = pd.read_parquet(out / "metadata" / "metadata.parquet")  # the README's pandas and HF lines
+    assert frame["caption"].tolist() == captions and len(frame) == len(fts)
+    ds = Dataset.from_parquet(str(out / "metadata" / "metadata.parquet"), cache_dir=str(tmp_path / "hf"))
+    ds = concatenate_datasets([ds, Dataset.from_dict({"embedding": np.load(out / "fts.npy")})], axis=1)
+    assert ds["path"] == paths and ds["caption"] == captions
+    assert np.allclose(np.asarray(ds["embedding"]), fts, atol=1e-3)
+    chunks = f"read_parquet('{out / 'chunks' / '*.parquet'}', union_by_name = true)"  # shards' columns differ
+    got = duckdb.connect().execute(f"SELECT caption, aesthetic, other_images FROM {chunks} ORDER BY key").fetchall()
+    assert got == list(zip(captions, [5, 6, 7, 8.5, 9.5, 10.5], [None] * 4 + ["png", None], strict=True))
 
     hits = [json.loads(x) for x in run_cli("query", out, "000010001", "-k", "2", "--json").stdout.splitlines()]
     assert hits[0]["row"] == 4 and hits[0]["caption"] == "a photo number 4"

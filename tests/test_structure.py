@@ -103,20 +103,23 @@ def test_pack_command_does_not_load_torch():
 
 
 SLURM_FLAGS = {"--nodes", "--ntasks-per-node", "--cpus-per-task", "--gpus-per-node"}  # #SBATCH lines
+# `autofaiss build_index`'s, as the README shows it: run by tools/bench_interop.py (autofaiss lives in
+# the bench's own venv, not here)
+AUTOFAISS_FLAGS = {"--embeddings", "--index_path", "--index_infos_path", "--metric_type"}
 
 
 def test_every_flag_the_readme_shows_exists():
     """The README's flags, each accepted by featpipe, a tools/ script, torchrun or sbatch."""
     from pipeline.cli import build_parser
 
-    known = set(SLURM_FLAGS)
+    known = SLURM_FLAGS | AUTOFAISS_FLAGS
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 known |= {o for a in sub._actions for o in a.option_strings}
     scripts = ["extract_fts.py", "match_fts.py", "bench.py", "bench_match.py", "bench_pack_plan.py"]
     scripts += ["bench_stores.py", "bench_serve.py", "bench_models.py", "bench_grow.py", "gpu_check.py"]
-    scripts += ["make_features.py", "bench_index.py"]
+    scripts += ["make_features.py", "bench_index.py", "bench_interop.py"]
     helps = [[sys.executable, str(ROOT / "tools" / s), "--help"] for s in scripts]
     helps.append([sys.executable, "-m", "torch.distributed.run", "--help"])
     helps.append([sys.executable, str(ROOT / "tools" / "make_sample_images.py"), "--help"])
