@@ -4,6 +4,7 @@ row and looked up by name through a sorted hash table; a query's memory does not
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -122,3 +123,17 @@ def test_thumbnails_of_an_index_read_their_rows_place_from_rows(tmp_path):
     assert all(p.offset > 0 for p in places.values())
     by_rows = Thumbnails(target.features, 64, target.places).jpegs({0, 3, 4})
     assert sorted(by_rows) == [0, 3, 4] and by_rows == Thumbnails(target.features, 64).jpegs({0, 3, 4})
+
+
+def test_the_lookup_table_sorted_in_buckets_is_the_same_bytes(small, tmp_path, monkeypatch):
+    """The name → row table is sorted a bucket of hashes at a time (memory: one bucket, not 16
+    bytes per name): with buckets of 4 KB (128 of them here) the files equal the one-bucket ones."""
+    from pipeline.retrieve import rowmeta
+    from pipeline.retrieve.features import open_features
+
+    fs = open_features(small / "features")
+    monkeypatch.setattr(rowmeta, "_BUCKET_BYTES", 4096)
+    rowmeta.write(locate(str(tmp_path)), fs, rowmeta.row_blocks(fs))
+    for name in (rowmeta.LOOKUP_HASH, rowmeta.LOOKUP_ROW, "key.bytes", "caption.offsets.npy"):
+        assert (tmp_path / "rows" / name).read_bytes() == (small / "index" / "rows" / name).read_bytes(), name
+    assert len(os.listdir(tmp_path / "rows")) == len(os.listdir(small / "index" / "rows"))

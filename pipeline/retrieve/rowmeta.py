@@ -12,12 +12,13 @@ All are memory-mapped: a hit costs two offsets and its bytes; a name → row loo
 (the first 8 bytes of its BLAKE2b), binary-searches lookup.hash.npy (log2(2N) probes: 31 at 1B rows; a
 separate contiguous file, since numpy copies a strided array to search it: +3 MB at 200k rows)
 and checks the row's own key and path, so a hash collision never answers a wrong row. Written once
-by `featpipe index`, a shard's names at a time. Memory while writing: the hashes, 16 bytes per
-name (the table is sorted in RAM: 32 GB at 1B rows, see the README's limits)."""
+by `featpipe index`, a shard's names at a time. Memory while writing: one shard's names, and one
+bucket of the lookup table (_Lookup: it is sorted a bucket at a time, ~128 MB)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ LOOKUP_FIELDS = ("key", "path")  # the names a row is found by
 LOOKUP_HASH, LOOKUP_ROW = "lookup.hash.npy", "lookup.row.npy"
 LOOKUP_DTYPE = np.dtype([("hash", "<u8"), ("row", "<i8")])
 _BLOCK = 1 << 16  # rows of a bare array's null names written at a time
+_BUCKET_BYTES = 128 << 20  # (hash, row) pairs sorted at a time while writing the lookup table
 
 
 def name_hash(name: str) -> int:
@@ -85,7 +87,8 @@ def write(out: Location, fs: FeatureSet, blocks: Iterable[dict[str, list]]) -> N
         offsets = {f: _array(os.path.join(tmp, f"{f}.offsets.npy"), "<u8", fs.n + 1) for f in FIELDS}
         numbers = {f: _array(os.path.join(tmp, f"{f}.npy"), "<i8", fs.n) for f in NUMBERS}
         data = {f: files.enter_context(open(os.path.join(tmp, f"{f}.bytes"), "wb")) for f in FIELDS}
-        hashes, row = [], 0
+        lookup = files.enter_context(_Lookup(os.path.join(tmp, "buckets"), 2 * fs.n))
+        row = 0
         for block in blocks:
             count = len(block["key"])
             for field in FIELDS:
@@ -96,22 +99,66 @@ def write(out: Location, fs: FeatureSet, blocks: Iterable[dict[str, list]]) -> N
             for field in NUMBERS:
                 numbers[field][row : row + count] = block[field]
             for field in LOOKUP_FIELDS:
-                present = [(name_hash(n), row + i) for i, n in enumerate(block[field]) if n]
-                hashes.append(np.array(present, LOOKUP_DTYPE))
+                lookup.add(np.array([(name_hash(n), row + i) for i, n in enumerate(block[field]) if n], LOOKUP_DTYPE))
             row += count
+        lookup.finish(os.path.join(tmp, LOOKUP_HASH), os.path.join(tmp, LOOKUP_ROW))
         files.close()
         for arr in (*offsets.values(), *numbers.values()):
             arr.flush()
-        table = np.concatenate(hashes) if hashes else np.zeros(0, LOOKUP_DTYPE)
-        table = table[np.argsort(table, order=("hash", "row"), kind="stable")]
-        np.save(os.path.join(tmp, LOOKUP_HASH), np.ascontiguousarray(table["hash"]))
-        np.save(os.path.join(tmp, LOOKUP_ROW), np.ascontiguousarray(table["row"]))
-        del table
         for name in sorted(os.listdir(tmp)):
+            if name == "buckets":
+                continue
             final = out.join(FOLDER, name)
             staged = staging_file(out.fs, final)
             shutil.move(os.path.join(tmp, name), staged)  # across file systems too
             commit_file(out.fs, staged, final)
+
+
+class _Lookup:
+    """The name → row table sorted without holding it: (hash, row) pairs go to 2^b bucket files by
+    their hash's top b bits (the hashes are uniform), then each bucket is sorted alone and appended,
+    in bucket order, which is hash order: the same bytes as one sort of everything. Memory: one
+    bucket (~_BUCKET_BYTES and its sort), not 16 bytes per name (32 GB at 1B rows)."""
+
+    def __init__(self, folder: str, most: int):
+        os.makedirs(folder)
+        self.bits = max(0, math.ceil(math.log2(max(1, most * LOOKUP_DTYPE.itemsize) / _BUCKET_BYTES)))
+        self.paths = [os.path.join(folder, f"{b:05d}") for b in range(1 << self.bits)]
+        self.files = [open(p, "wb") for p in self.paths]  # noqa: SIM115  (closed by finish or __exit__)
+
+    def add(self, pairs: np.ndarray) -> None:
+        if not self.bits:
+            self.files[0].write(pairs.tobytes())
+            return
+        bucket = (pairs["hash"] >> np.uint64(64 - self.bits)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        ends = np.cumsum(np.bincount(bucket, minlength=len(self.files)))
+        for b, part in enumerate(np.split(pairs[order], ends[:-1])):
+            if len(part):
+                self.files[b].write(part.tobytes())
+
+    def finish(self, hash_path: str, row_path: str) -> None:
+        for f in self.files:
+            f.close()
+        total = sum(os.path.getsize(p) for p in self.paths) // LOOKUP_DTYPE.itemsize
+        hashes = np.lib.format.open_memmap(hash_path, "w+", "<u8", (total,))
+        rows = np.lib.format.open_memmap(row_path, "w+", "<i8", (total,))
+        at = 0
+        for path in self.paths:
+            part = np.fromfile(path, LOOKUP_DTYPE)
+            os.remove(path)
+            part = part[np.lexsort((part["row"], part["hash"]))]
+            hashes[at : at + len(part)], rows[at : at + len(part)] = part["hash"], part["row"]
+            at += len(part)
+        hashes.flush()
+        rows.flush()
+
+    def __enter__(self) -> _Lookup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.files:
+            f.close()
 
 
 def _array(path: str, dtype: str, n: int) -> np.ndarray:
