@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -137,3 +138,24 @@ def test_the_lookup_table_sorted_in_buckets_is_the_same_bytes(small, tmp_path, m
     for name in (rowmeta.LOOKUP_HASH, rowmeta.LOOKUP_ROW, "key.bytes", "caption.offsets.npy"):
         assert (tmp_path / "rows" / name).read_bytes() == (small / "index" / "rows" / name).read_bytes(), name
     assert len(os.listdir(tmp_path / "rows")) == len(os.listdir(small / "index" / "rows"))
+
+
+def test_show_reads_the_names_of_its_rows_alone(small, tmp_path):
+    """show's names come from metadata/metadata.parquet's row groups holding the rows it shows
+    (a row group per shard, the shards' names in its footer), not from lists of every row: with
+    img_list.json gone, the page still names each row by its path, key and caption."""
+    import shutil
+
+    features = tmp_path / "features"
+    shutil.copytree(small / "features", features)
+    run_cli("match", features, tmp_path / "m", "-k", "3", "--no-progress")
+    (features / "img_list.json").unlink()
+    run_cli("show", tmp_path / "m", tmp_path / "page.html", "--sample", "5")
+    page = (tmp_path / "page.html").read_text()
+    chunks = pq.read_table(small / "features" / "chunks")
+    paths = json.loads((small / "features" / "img_list.json").read_text())
+    shown = [int(r) for r in re.findall(r"\(row (\d+)", page)]
+    assert len(shown) >= 10
+    for r in shown:
+        key, caption = chunks.column("key")[r].as_py(), chunks.column("caption")[r].as_py()
+        assert f"(row {r} · {key})" in page and caption in page and paths[r].rsplit("/", 1)[-1] in page

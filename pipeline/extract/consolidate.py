@@ -128,7 +128,7 @@ def _write(
                 f32[row : row + len(mat)] = mat
                 f16[row : row + len(mat)] = mat
                 digest.update(f16[row : row + len(mat)])
-                metadata.add(table)
+                metadata.add(rec.shard, table)
                 for p in table.column("path").to_pylist():
                     img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
                     if (p, generation) in gone:

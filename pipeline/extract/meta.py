@@ -30,6 +30,7 @@ from pipeline.names import clean_text
 RESERVED = ("key", "path", "shard", "index", "width", "height", "offset", "length", "embedding")
 CAPTION = "caption"
 OTHER_IMAGES = "other_images"
+SHARDS_KEY = "featpipe.shards"  # metadata.parquet's footer: the shard of each row group, in order
 Scalar = str | int | float | bool | None
 
 
@@ -156,10 +157,15 @@ class MetadataFile:
         self.fields = unify(chunk_schemas)
         self.schema = pa.schema([pa.field("key", pa.string()), pa.field("path", pa.string()), *self.fields])
         self.writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        self.shards: list[str] = []
 
-    def add(self, chunk: pa.Table) -> None:
+    def add(self, shard: str, chunk: pa.Table) -> None:
+        """A shard's rows as one row group: its footer entry says where the shard's rows start."""
         arrays = [chunk.column("key"), chunk.column("path"), *aligned(chunk, self.fields)]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema), row_group_size=max(1, len(chunk)))
+        self.shards.append(shard)
 
     def close(self) -> None:
+        """The row groups' shard names go in the footer (byrow.py reads a few rows by them)."""
+        self.writer.add_key_value_metadata({SHARDS_KEY: json.dumps(self.shards)})
         self.writer.close()

@@ -90,6 +90,8 @@ def build_index(cfg: IndexConfig) -> dict | None:
     dist.init(ctx, "cpu", dist.BARRIER_TIMEOUT_S)
     try:
         valid = valid_rows(fs, tiling.db_rows)
+        if ctx.is_main:  # first, while no index is held: memory is the names' alone
+            _write_names(out, fs)
         index, parted = _build(fs, valid, layout, out, cfg, ctx, INDEX_FILE)
         truth = bigindex.split_truth(fs, valid, tiling, ctx, 10) if ctx.active and parted else None
         if index is None:
@@ -143,6 +145,7 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
         )
     tiling = plan_tiles(fs.n, fs.dim, 11, cfg.memory_budget)
     valid = valid_rows(fs, tiling.db_rows)
+    _write_names(out, fs)  # rows keep their numbers: the grown names serve the old index file too
     trained_on = meta.get("trained_on", n0)
     name = f"index.{meta.get('updates', 0) + 1}.faiss"
     why = None
@@ -207,7 +210,6 @@ def _save(out, index, fs: FeatureSet, layout: Layout, tuned: ann.Tuning, extra: 
     faiss.write_index(index, staged)
     commit_file(out.fs, staged, out.join(name))
     crash_point("index-written")  # test-only: the new index file written, index.json still the old one
-    _write_names(out, fs)
     embedder = load_run(locate(fs.folder)).extra.get("embedder") if fs.folder else None
     commit_json(
         out.fs,

@@ -48,13 +48,15 @@ def name_hash(name: str) -> int:
 
 @dataclass(frozen=True)
 class RowPlace:
-    """Where a row's picture is: its shard, key, byte range in the tar (-1 unknown) and path."""
+    """Where a row's picture is: its shard, key, byte range in the tar (-1 unknown) and path; and
+    its caption."""
 
     shard: str | None
     key: str | None
     offset: int
     length: int
     path: str | None
+    caption: str | None = None
 
 
 def row_blocks(fs: FeatureSet) -> Iterator[dict[str, list]]:
@@ -206,6 +208,7 @@ class RowMeta:
                 int(self.numbers["offset"][r]),
                 int(self.numbers["length"][r]),
                 self.name("path", r),
+                self.name("caption", r),
             )
             for r in rows
         }

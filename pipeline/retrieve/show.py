@@ -11,6 +11,7 @@ import base64
 import hashlib
 import html
 import io
+import logging
 import os
 import posixpath
 from collections.abc import Callable
@@ -21,12 +22,14 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.outdir import load_run
 from pipeline.readmany import read_many
+from pipeline.retrieve.byrow import row_places
 from pipeline.retrieve.features import FeatureSet, features_exist, open_features
 from pipeline.retrieve.knn import NO_MATCH
 from pipeline.retrieve.rowmeta import RowPlace
 from pipeline.shardformat import tar_members
 from pipeline.storage import PIPE, commit_bytes, ensure_writable, locate, open_stream, read_valid_json
 
+log = logging.getLogger("featpipe")
 PER_PAGE = 25  # queries or groups per page: 25 × 11 thumbnails of 128 px are ~1 MB
 MAX_MEMBERS = 48  # thumbnails shown per duplicate group
 
@@ -34,7 +37,6 @@ MAX_MEMBERS = 48  # thumbnails shown per duplicate group
 @dataclass(frozen=True)
 class Tile:
     row: int
-    caption: str  # plain text, escaped when written
     badge: str = ""
 
 
@@ -58,13 +60,13 @@ def run_show(source: str, page: str, sample: int = 100, thumb: int = 128, per_pa
     items = _match_items(source, fs, sample) if kind == "match" else _dedup_items(source, fs, sample)
     folder = os.path.dirname(os.path.abspath(page))
     ensure_writable(locate(folder))  # an unwritable target is one line before any work is done
-    rows = {t.row for it in items for t in it.tiles}
-    thumbs = Thumbnails(fs, thumb).make(rows)
+    places = row_places(fs, {t.row for it in items for t in it.tiles})  # these rows' names alone, not every row's
+    thumbs = Thumbnails(fs, thumb, lambda rows: {r: places[r] for r in rows}).make(set(places))
     chunks = [items[i : i + per_page] for i in range(0, len(items), per_page)] or [[]]
     names = [_page_name(page, i) for i in range(len(chunks))]
     heading = f"featpipe {kind}: {source}"
     for i, chunk in enumerate(chunks):
-        body = _render(heading, chunk, thumbs, fs, names, i, thumb)
+        body = _render(heading, chunk, thumbs, places, names, i, thumb)
         commit_bytes(locate(folder).fs, os.path.join(folder, os.path.basename(names[i])), body.encode())
     return [os.path.join(folder, os.path.basename(n)) for n in names]
 
@@ -115,10 +117,10 @@ def _match_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
     queries = _sample(np.flatnonzero(matches[:, 0] != NO_MATCH), sample)
     items = []
     for q in queries:
-        tiles = [Tile(int(q), _name(fs, int(q)), "query")]
+        tiles = [Tile(int(q), "query")]
         for m, s in zip(matches[q], scores[q], strict=True):
             if m != NO_MATCH and m != q:
-                tiles.append(Tile(int(m), _name(fs, int(m)), f"{s:.4f}"))
+                tiles.append(Tile(int(m), f"{s:.4f}"))
         items.append(Item(f"row {q}", tiles))
     return items
 
@@ -130,17 +132,12 @@ def _dedup_items(source: str, fs: FeatureSet | None, sample: int) -> list[Item]:
     items = []
     for g in groups:
         tiles = [
-            Tile(m, _name(fs, m), "representative" if m == g["representative"] else f"{s:.4f}")
+            Tile(m, "representative" if m == g["representative"] else f"{s:.4f}")
             for m, s in list(zip(g["members"], g["scores"], strict=True))[:MAX_MEMBERS]
         ]
         more = len(g["members"]) - len(tiles)
         items.append(Item(f"group of {len(g['members'])}" + (f" ({more} not shown)" if more > 0 else ""), tiles))
     return items
-
-
-def _name(fs: FeatureSet | None, row: int) -> str:
-    paths = fs.paths if fs else None
-    return paths[row] if paths else f"row {row}"
 
 
 class Thumbnails:
@@ -153,39 +150,40 @@ class Thumbnails:
         self.fs, self.size, self._places = fs, size, places
 
     def places(self, rows: list[int]) -> dict[int, RowPlace]:
-        if self._places is not None:
-            return self._places(rows)
-        fs = self.fs
-        members, paths = fs.members, fs.paths  # (offset, length) per row where the chunks recorded them
-        return {
-            r: RowPlace(fs.shards[r], fs.keys[r], *(members[r] if members else (-1, 0)), paths[r] if paths else None)
-            for r in rows
-        }
+        return self._places(rows) if self._places is not None else row_places(self.fs, rows)
 
     def make(self, rows: set[int]) -> dict[int, str]:
         return {r: "data:image/jpeg;base64," + base64.b64encode(j).decode() for r, j in self.jpegs(rows).items()}
 
     def jpegs(self, rows: set[int]) -> dict[int, bytes]:
         fs = self.fs
-        if fs is None or fs.folder is None or (self._places is None and fs.shards is None):
+        if fs is None or fs.folder is None:
             return {}
         urls = {s.name: s.url for s in load_run(locate(fs.folder)).shards}
         places = self.places(sorted(rows))
+        if any(p.shard is None for p in places.values()):  # chunks of a featpipe before shards were recorded
+            return {}
         wanted: dict[str, dict[str, int]] = {}
         for r, place in places.items():
             wanted.setdefault(place.shard, {})[place.key] = r
         out: dict[int, bytes] = {}
         for shard, keys in sorted(wanted.items()):
-            url = urls[shard]
-            if url.endswith(".tar") and not url.startswith(PIPE) and all(places[r].offset >= 0 for r in keys.values()):
-                out |= self._by_range(url, {r: (places[r].offset, places[r].length) for r in keys.values()})
-            elif url.endswith((".tar", ".tgz", ".tar.gz")):
-                out |= self._from_tar(url, keys)
-            else:  # folder mode: the sample's path is the source file, read with many in flight
-                ordered = sorted(keys.values())
-                for i, data in read_many(locate(url).fs, [places[r].path for r in ordered]):
-                    out[ordered[i]] = b"" if isinstance(data, BaseException) else self._encode(data)
+            try:
+                out |= self._from_shard(urls[shard], keys, places)
+            except (UserError, OSError) as exc:  # a shard gone or out of reach: its tiles show no picture
+                log.debug("no thumbnails from %s: %s", urls[shard], exc)
         return {r: jpeg for r, jpeg in out.items() if jpeg}
+
+    def _from_shard(self, url: str, keys: dict[str, int], places: dict[int, RowPlace]) -> dict[int, bytes]:
+        if url.endswith(".tar") and not url.startswith(PIPE) and all(places[r].offset >= 0 for r in keys.values()):
+            return self._by_range(url, {r: (places[r].offset, places[r].length) for r in keys.values()})
+        if url.endswith((".tar", ".tgz", ".tar.gz")):
+            return self._from_tar(url, keys)
+        ordered = sorted(keys.values())  # folder mode: the sample's path is the source file, many reads in flight
+        return {
+            ordered[i]: b"" if isinstance(data, BaseException) else self._encode(data)
+            for i, data in read_many(locate(url).fs, [places[r].path for r in ordered])
+        }
 
     def _by_range(self, url: str, where: dict[int, tuple[int, int]]) -> dict[int, bytes]:
         """Each image read alone by the byte range its chunk recorded: a thumbnail of a 177 MB shard
@@ -251,14 +249,12 @@ def _render(
     heading: str,
     items: list[Item],
     thumbs: dict[int, str],
-    fs: FeatureSet | None,
+    places: dict[int, RowPlace],
     names: list[str],
     page: int,
     size: int,
 ) -> str:
     e = lambda s: html.escape(str(s), quote=True)  # every text and attribute goes through it
-    keys = fs.keys if fs else None
-    said = fs.captions if fs else None  # the samples' own captions (.txt), where extract kept them
     nav = " · ".join(f"<b>{i + 1}</b>" if i == page else f'<a href="{e(n)}">{i + 1}</a>' for i, n in enumerate(names))
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(heading)}</title>",
@@ -268,17 +264,19 @@ def _render(
     for item in items:
         parts.append(f"<h2>{e(item.title)}</h2><div class=row>")
         for t in item.tiles:
-            key = f" · {keys[t.row]}" if keys else ""
+            place = places[t.row]
+            name = place.path or f"row {t.row}"
+            key = f" · {place.key}" if place.key else ""
             img = (
-                f'<img src="{thumbs[t.row]}" alt="{e(t.caption)}" width={size} height={size}>'
+                f'<img src="{thumbs[t.row]}" alt="{e(place.caption or name)}" width={size} height={size}>'
                 if t.row in thumbs
                 else "<div class=none>no picture</div>"
             )
             cls = t.badge if t.badge in ("query", "representative") else "neighbour"
             parts.append(
-                f'<figure class="{cls}" title="{e(t.caption)}">{img}<figcaption><span class=badge>'
-                f"{e(t.badge)}</span> {e(t.caption.rsplit('/', 1)[-1])} <small>(row {t.row}{e(key)})</small>"
-                + (f"<i>{e(said[t.row])}</i>" if said and said[t.row] else "")
+                f'<figure class="{cls}" title="{e(name)}">{img}<figcaption><span class=badge>'
+                f"{e(t.badge)}</span> {e(name.rsplit('/', 1)[-1])} <small>(row {t.row}{e(key)})</small>"
+                + (f"<i>{e(place.caption)}</i>" if place.caption else "")  # the sample's own caption (.txt)
                 + "</figcaption></figure>"
             )
         parts.append("</div>")
