@@ -157,3 +157,28 @@ def test_match_beyond_the_sq8_budget_uses_the_compressed_index_with_exact_scores
     recall = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got, want, strict=True)])
     assert recall >= 0.95 and (got[:, 0] == np.arange(ROWS)).all()
     assert np.array_equal(got_s[got == want], want_s[got == want])  # scores exact, not PQ estimates
+
+
+def test_lists_sized_once_merge_to_merge_froms_bytes(tmp_path):
+    """merge_presized (the in-memory merge of a parted build: lists sized once, so the merge holds
+    the codes and one part, not merge_from's doubling arrays) gives faiss's merge_from's bytes."""
+    import faiss
+
+    from pipeline.retrieve.bigindex import merge_presized
+
+    x = np.random.default_rng(0).standard_normal((6000, 16)).astype(np.float32)
+    faiss.normalize_L2(x)
+    trained = faiss.index_factory(16, "IVF32,PQ4x8np", faiss.METRIC_INNER_PRODUCT)
+    trained.train(x[:2000])
+    names = []
+    for i, start in enumerate(range(0, len(x), 2500)):  # parts of unequal sizes
+        part = faiss.clone_index(trained)
+        part.add_with_ids(x[start : start + 2500], np.arange(start, min(start + 2500, len(x))))
+        names.append(str(tmp_path / f"part-{i}.faiss"))
+        faiss.write_index(part, names[-1])
+    reference, merged = faiss.clone_index(trained), faiss.clone_index(trained)
+    for name in names:
+        reference.merge_from(faiss.read_index(name), 0)
+    merge_presized(merged, names)
+    assert merged.ntotal == len(x)
+    assert faiss.serialize_index(merged).tobytes() == faiss.serialize_index(reference).tobytes()
