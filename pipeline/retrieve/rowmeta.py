@@ -84,29 +84,35 @@ def row_blocks(fs: FeatureSet) -> Iterator[dict[str, list]]:
 
 
 def write(out: Location, fs: FeatureSet, blocks: Iterable[dict[str, list]]) -> None:
-    """INDEX/rows/ from row_blocks' blocks; each file committed whole."""
+    """INDEX/rows/ from row_blocks' blocks; each file committed whole. Every file is appended to
+    with plain writes: memory-mapped outputs kept their dirty pages in the process (1.2 GB of RSS
+    at 10M rows)."""
     with tempfile.TemporaryDirectory(prefix="featpipe-rows-") as tmp, ExitStack() as files:
-        offsets = {f: _array(os.path.join(tmp, f"{f}.offsets.npy"), "<u8", fs.n + 1) for f in FIELDS}
-        numbers = {f: _array(os.path.join(tmp, f"{f}.npy"), "<i8", fs.n) for f in NUMBERS}
+        offsets = {f: files.enter_context(_npy(os.path.join(tmp, f"{f}.offsets.npy"), "<u8", fs.n + 1)) for f in FIELDS}
+        numbers = {f: files.enter_context(_npy(os.path.join(tmp, f"{f}.npy"), "<i8", fs.n)) for f in NUMBERS}
         data = {f: files.enter_context(open(os.path.join(tmp, f"{f}.bytes"), "wb")) for f in FIELDS}
         lookup = files.enter_context(_Lookup(os.path.join(tmp, "buckets"), 2 * fs.n))
+        ends = dict.fromkeys(FIELDS, 0)  # bytes written so far per text field
+        for f in FIELDS:
+            offsets[f].write(np.zeros(1, "<u8").tobytes())
         row = 0
         for block in blocks:
             count = len(block["key"])
             for field in FIELDS:
                 encoded = [(n or "").encode() for n in block[field]]
-                ends = np.cumsum([len(e) for e in encoded], dtype=np.uint64)
-                offsets[field][row + 1 : row + 1 + count] = offsets[field][row] + ends
+                cumulative = ends[field] + np.cumsum([len(e) for e in encoded], dtype=np.uint64)
+                offsets[field].write(cumulative.astype("<u8").tobytes())
+                ends[field] = int(cumulative[-1]) if count else ends[field]
                 data[field].write(b"".join(encoded))
             for field in NUMBERS:
-                numbers[field][row : row + count] = block[field]
+                numbers[field].write(np.asarray(block[field], "<i8").tobytes())
             for field in LOOKUP_FIELDS:
                 lookup.add(np.array([(name_hash(n), row + i) for i, n in enumerate(block[field]) if n], LOOKUP_DTYPE))
             row += count
+        if row != fs.n:
+            raise UserError(f"{fs.source}: {row} rows of names for {fs.n} vectors")
         lookup.finish(os.path.join(tmp, LOOKUP_HASH), os.path.join(tmp, LOOKUP_ROW))
         files.close()
-        for arr in (*offsets.values(), *numbers.values()):
-            arr.flush()
         for name in sorted(os.listdir(tmp)):
             if name == "buckets":
                 continue
@@ -114,6 +120,15 @@ def write(out: Location, fs: FeatureSet, blocks: Iterable[dict[str, list]]) -> N
             staged = staging_file(out.fs, final)
             shutil.move(os.path.join(tmp, name), staged)  # across file systems too
             commit_file(out.fs, staged, final)
+
+
+def _npy(path: str, dtype: str, n: int):
+    """A file with a .npy header for (n,) values of dtype (the header open_memmap writes), open
+    to append them."""
+    f = open(path, "wb")  # noqa: SIM115  (the caller's ExitStack closes it)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
+    np.lib.format.write_array_header_1_0(f, header)
+    return f
 
 
 class _Lookup:
@@ -143,17 +158,13 @@ class _Lookup:
         for f in self.files:
             f.close()
         total = sum(os.path.getsize(p) for p in self.paths) // LOOKUP_DTYPE.itemsize
-        hashes = np.lib.format.open_memmap(hash_path, "w+", "<u8", (total,))
-        rows = np.lib.format.open_memmap(row_path, "w+", "<i8", (total,))
-        at = 0
-        for path in self.paths:
-            part = np.fromfile(path, LOOKUP_DTYPE)
-            os.remove(path)
-            part = part[np.lexsort((part["row"], part["hash"]))]
-            hashes[at : at + len(part)], rows[at : at + len(part)] = part["hash"], part["row"]
-            at += len(part)
-        hashes.flush()
-        rows.flush()
+        with _npy(hash_path, "<u8", total) as hashes, _npy(row_path, "<i8", total) as rows:
+            for path in self.paths:
+                part = np.fromfile(path, LOOKUP_DTYPE)
+                os.remove(path)
+                part = part[np.lexsort((part["row"], part["hash"]))]
+                hashes.write(np.ascontiguousarray(part["hash"]).tobytes())
+                rows.write(np.ascontiguousarray(part["row"]).tobytes())
 
     def __enter__(self) -> _Lookup:
         return self
@@ -161,12 +172,6 @@ class _Lookup:
     def __exit__(self, *exc) -> None:
         for f in self.files:
             f.close()
-
-
-def _array(path: str, dtype: str, n: int) -> np.ndarray:
-    arr = np.lib.format.open_memmap(path, "w+", dtype, (n,))
-    arr[:1] = 0
-    return arr
 
 
 def exists(loc: Location) -> bool:
