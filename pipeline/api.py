@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 import numpy as np
@@ -73,21 +73,31 @@ def extract(
     crop_size: int | None = None,
     keep_ratio: bool | None = None,
     decode: str = "fast",
+    image_field: str | None = None,
+    meta: bool | list[str] = True,
     **options: Any,
 ) -> Extracted:
     """Shards (or a plain image folder) → features in OUT (see `featpipe extract`). `model` is a
     torch.hub entry in `repo`, or SOURCE:ID (timm:…, hf:…, open_clip:…, hub:…); preprocessing
-    left None follows the model's own. Options are ExtractConfig's fields (batch_size, workers,
-    device, precision, overwrite, progress, …)."""
+    left None follows the model's own. `image_field` ("jpg;png") and `meta` (True: the caption and
+    every scalar .json field, False: none, or the fields to keep) are `--image-field` and `--meta`.
+    Options are ExtractConfig's fields (batch_size, workers, device, precision, overwrite, progress, …)."""
+    from pipeline.extract.meta import SampleRules, parse_image_field, parse_meta
+    from pipeline.extract.reader import ReadConfig
     from pipeline.extract.run import ExtractConfig, run_extract
     from pipeline.image.transform import TransformConfig
     from pipeline.models.base import ModelConfig
+    from pipeline.outdir import METADATA_FILE
 
     shards, out = os.fspath(shards), os.fspath(out)
     weights = os.fspath(weights) if weights is not None else None
     given = {"resize_size": resize_size, "crop_size": crop_size, "keep_ratio": keep_ratio}
     explicit = {k: v for k, v in given.items() if v is not None}
     spec = model if ":" in model else None
+    if image_field is not None or meta is not True:
+        kept = None if meta is True else () if meta is False else parse_meta(",".join(meta))
+        rules = SampleRules(parse_image_field(image_field) if image_field else SampleRules().image_fields, kept)
+        options["read"] = replace(options.get("read", ReadConfig()), samples=rules)
     cfg = ExtractConfig(
         shards=shards,
         out=out,
@@ -98,7 +108,7 @@ def extract(
     )
     result = run_extract(cfg)
     names = cfg.names
-    files = {n: os.path.join(out, n) for n in names.all()}
+    files = {n: os.path.join(out, n) for n in (*names.all(), METADATA_FILE)}
     return Extracted(result.stats, result.exit_code, files)
 
 

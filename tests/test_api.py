@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import ROOT, VALID
@@ -26,9 +27,17 @@ def test_the_verbs_chain_in_process(images, tmp_path):
     packed = api.pack(str(images), str(tmp_path / "shards"), shard_size=3, progress=False)
     assert packed.manifest["totals"]["samples"] == 7
     result = api.extract(
-        str(tmp_path / "shards"), str(tmp_path / "out"), model="vit_tiny_p14", repo=HUB, workers=0, progress=False
+        str(tmp_path / "shards"),
+        str(tmp_path / "out"),
+        model="vit_tiny_p14",
+        repo=HUB,
+        workers=0,
+        progress=False,
+        meta=["relpath", "format"],  # of the .json pack wrote beside each image
     )
     assert result.exit_code == 0 and result.stats["rows"] == 7
+    meta = pq.read_table(result.files["metadata/metadata.parquet"])
+    assert meta.column_names == ["key", "path", "relpath", "format"] and "p3.jpg" in meta.column("relpath").to_pylist()
     feats, paths = api.load_features(str(tmp_path / "out"))
     assert feats.shape == (7, 192) and feats.dtype == np.float16 and len(paths) == 7
     f32, _ = api.load_features(str(tmp_path / "out"), dtype="float32")

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline import dist
+from pipeline.cpu import give_back_memory
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.retrieve import load_faiss
@@ -130,6 +131,7 @@ class PartedBuild:
             )
         dist.from_main(ctx, self._prepare)
         dist.from_main(ctx, self._train, share=lambda _: None)
+        give_back_memory()  # training's sample and faiss's buffers, before the parts are added
         trained = self._read(TRAINED_FILE)
         mine = [i for i in range(len(self.parts)) if i % ctx.world == ctx.rank]
         todo = [i for i in mine if not self.out.fs.exists(self._part(i))]
@@ -138,6 +140,7 @@ class PartedBuild:
             self._add_part(trained, number, self.parts[number])
             crash_point("index-part", ctx.rank)  # test-only: a part committed, the build not done
         dist.barrier(ctx)
+        give_back_memory()
         return self._merge(index_file) if ctx.is_main else None
 
     def _prepare(self) -> None:

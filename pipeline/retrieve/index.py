@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline import __version__, dist
+from pipeline.cpu import give_back_memory
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
 from pipeline.outdir import load_run
@@ -92,6 +93,7 @@ def build_index(cfg: IndexConfig) -> dict | None:
         valid = valid_rows(fs, tiling.db_rows)
         if ctx.is_main:  # first, while no index is held: memory is the names' alone
             _write_names(out, fs)
+            give_back_memory()
         index, parted = _build(fs, valid, layout, out, cfg, ctx, INDEX_FILE)
         truth = bigindex.split_truth(fs, valid, tiling, ctx, 10) if ctx.active and parted else None
         if index is None:
