@@ -132,6 +132,7 @@ class PartedBuild:
         dist.from_main(ctx, self._prepare)
         dist.from_main(ctx, self._train, share=lambda _: None)
         give_back_memory()  # training's sample and faiss's buffers, before the parts are added
+        log.info("index: trained %s on %d sampled rows", self.plan.key, self.plan.train_rows)
         trained = self._read(TRAINED_FILE)
         mine = [i for i in range(len(self.parts)) if i % ctx.world == ctx.rank]
         todo = [i for i in mine if not self.out.fs.exists(self._part(i))]
@@ -141,6 +142,7 @@ class PartedBuild:
             crash_point("index-part", ctx.rank)  # test-only: a part committed, the build not done
         dist.barrier(ctx)
         give_back_memory()
+        log.info("index: %d parts of %d rows added", len(self.parts), self.plan.part_rows)
         return self._merge(index_file) if ctx.is_main else None
 
     def _prepare(self) -> None:
