@@ -52,7 +52,8 @@ class RowReader:
             return None  # not what this reader expects (an older file): the lists will do
         return cls(fs, file, shards, [0, *np.cumsum(sizes).tolist()])
 
-    def places(self, rows: Iterable[int]) -> dict[int, RowPlace]:
+    def places(self, rows: Iterable[int], members: bool = True) -> dict[int, RowPlace]:
+        """These rows' places; `members` False: names only (no chunk read for the byte ranges)."""
         groups: dict[int, list[int]] = {}
         for r in sorted({int(r) for r in rows}):
             if not 0 <= r < self.fs.n:
@@ -65,10 +66,10 @@ class RowReader:
             for g, wanted in groups.items():
                 cols = table.read_row_group(g, columns=names, use_threads=False).to_pydict()
                 shard = self.shards[g] if self.shards else None
-                members = self._members(shard)
+                ranges = self._members(shard) if members else None
                 for r in wanted:
                     j = r - self.starts[g]
-                    where = members[j] if members else (-1, 0)
+                    where = ranges[j] if ranges else (-1, 0)
                     name = {c: cols[c][j] if c in cols else None for c in NAMES}
                     out[r] = RowPlace(shard, name["key"], *where, name["path"], name["caption"])
         return out
@@ -86,13 +87,13 @@ class RowReader:
         return list(zip(cols["offset"], cols["length"], strict=True))
 
 
-def row_places(fs: FeatureSet | None, rows: Iterable[int]) -> dict[int, RowPlace]:
+def row_places(fs: FeatureSet | None, rows: Iterable[int], members: bool = True) -> dict[int, RowPlace]:
     """These rows' places: by the reader where FEATURES has one, else from FEATURES' lists (an
     older output's), else bare (row numbers only)."""
     rows = sorted({int(r) for r in rows})
     reader = RowReader.of(fs)
     if reader is not None:
-        return reader.places(rows)
+        return reader.places(rows, members)
     if fs is None or (fs.folder is None and fs.rows_file is None):
         return {r: RowPlace(None, None, -1, 0, None) for r in rows}
     keys, paths, shards, members, said = fs.keys, fs.paths, fs.shards, fs.members, fs.captions

@@ -19,6 +19,7 @@ from pipeline.outdir import REMOVED_FILE, OutputNames, load_run
 from pipeline.retrieve import load_faiss, rowmeta
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
 from pipeline.retrieve.bigindex import read_for_search, rerank_floor
+from pipeline.retrieve.byrow import row_places
 from pipeline.retrieve.features import features_exist, open_features, removed_count, require_vectors
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import (
@@ -110,10 +111,14 @@ class Target:
         return RowMeta(self.loc) if self.meta and rowmeta.exists(self.loc) else None
 
     def names(self, rows) -> tuple[list, list, list]:
-        """(keys, paths, captions) of these rows: read on demand from INDEX/rows/, else from lists
-        in memory."""
+        """(keys, paths, captions) of these rows: read on demand from INDEX/rows/ or FEATURES'
+        metadata.parquet (byrow.py), else (indexes of earlier featpipes) from lists in memory."""
+        rows = [int(r) for r in rows]
         if self._rows is not None:
             return self._rows.names(rows)
+        if not self.meta:
+            places = row_places(self.features, rows, members=False)
+            return tuple([getattr(places[r], f) for r in rows] for f in ("key", "path", "caption"))
         return tuple([column[r] for r in rows] for column in self._ids)
 
     @property
