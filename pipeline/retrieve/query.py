@@ -19,7 +19,7 @@ from pipeline.outdir import REMOVED_FILE, OutputNames, load_run
 from pipeline.retrieve import load_faiss, rowmeta
 from pipeline.retrieve.ann import IndexSearch, faiss_message, set_search_parameter
 from pipeline.retrieve.bigindex import read_for_search, rerank_floor
-from pipeline.retrieve.byrow import row_places
+from pipeline.retrieve.byrow import RowReader, row_places
 from pipeline.retrieve.features import features_exist, open_features, removed_count, require_vectors
 from pipeline.retrieve.index import IDS_FILE, INDEX_FILE, META_FILE
 from pipeline.retrieve.knn import (
@@ -117,14 +117,23 @@ class Target:
         if self._rows is not None:
             return self._rows.names(rows)
         if not self.meta:
-            places = row_places(self.features, rows, members=False)
+            reader = self._reader
+            places = reader.places(rows, members=False) if reader else row_places(self.features, rows, members=False)
             return tuple([getattr(places[r], f) for r in rows] for f in ("key", "path", "caption"))
         return tuple([column[r] for r in rows] for column in self._ids)
 
     @property
     def places(self):
-        """rows → RowPlace read from INDEX/rows/ (for thumbnails), or None: FEATURES' lists."""
-        return self._rows.places if self._rows is not None else None
+        """rows → RowPlace read by row from INDEX/rows/ or FEATURES' metadata.parquet (for
+        thumbnails), or None: FEATURES' lists."""
+        if self._rows is not None:
+            return self._rows.places
+        return self._reader.places if self._reader is not None else None
+
+    @cached_property
+    def _reader(self) -> RowReader | None:
+        """FEATURES' row reader, opened once (its footer read once, not at every query)."""
+        return RowReader.of(self.features) if not self.meta else None
 
     def row(self, name: str) -> int | None:
         """The row whose key, else whose path, is `name` (the first such row), or None."""
