@@ -3,7 +3,8 @@
 `autofaiss build_index` with `max_index_memory_usage` B on the same L2-normalised synthetic
 vectors, in one run; then `featpipe query` start-up and memory at two sizes (flat in N).
 
-    python tools/bench_index.py [--rows 2000000] [--dim 128] [--budget 256MB] [--small 200000] [--skip-autofaiss]
+    python tools/bench_index.py [--rows 2000000] [--dim 128] [--budget 256MB] [--small 200000]
+                                [--skip-autofaiss | --reuse-featpipe]
 
 Rows: build wall time and peak RSS, index size on disk, recall@10 against exact search on 1,000
 sampled rows (featpipe's after its exact re-ranking), single-query latency p50/p99 (warm, one
@@ -195,6 +196,15 @@ def key_lookups(index: Path, feats: Path) -> list[float]:
     return times
 
 
+def earlier_row(args: argparse.Namespace) -> dict:
+    """featpipe's row of an earlier --skip-autofaiss run, so the hours-long autofaiss build can run
+    alone; refused unless that run had the same rows, dim and budget."""
+    earlier = json.loads((WORK / "result-featpipe.json").read_text())
+    if (earlier["rows"], earlier["dim"], earlier["budget"]) != (args.rows, args.dim, args.budget):
+        sys.exit("--reuse-featpipe: result-featpipe.json was made with other --rows/--dim/--budget")
+    return earlier["build"][0] | {"reused_from": "result-featpipe.json"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
@@ -204,6 +214,11 @@ def main() -> None:
     ap.add_argument(
         "--skip-autofaiss", action="store_true", help="featpipe's rows only (autofaiss at 10M takes hours here)"
     )
+    ap.add_argument(
+        "--reuse-featpipe",
+        action="store_true",
+        help="take featpipe's build row from an earlier --skip-autofaiss run of the same size (result-featpipe.json)",
+    )
     args = ap.parse_args()
     parse_bytes(args.budget)  # a bad size fails here, before any work
     WORK.mkdir(parents=True, exist_ok=True)
@@ -212,7 +227,7 @@ def main() -> None:
     rows = np.sort(np.random.default_rng(99).choice(len(fts), QUERIES, replace=False))
     q = unit(fts[rows])
     truth = exact_truth(fts, q)
-    results = [ours(feats, args.budget, q, truth)]
+    results = [earlier_row(args) if args.reuse_featpipe else ours(feats, args.budget, q, truth)]
     print("featpipe:", json.dumps(results[0]), flush=True)  # the long autofaiss build follows
     theirs = None if args.skip_autofaiss else autofaiss(feats, args.budget, q, truth)
     results += [theirs] if theirs else []

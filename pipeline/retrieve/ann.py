@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.errors import UserError, first_line
 from pipeline.retrieve import load_faiss
 from pipeline.retrieve.features import FeatureSet
-from pipeline.retrieve.knn import Candidates, ExactSearch, Tiling, normalize, normalize64, ranked
+from pipeline.retrieve.knn import Candidates, ExactSearch, Tiling, normalize, normalize64, ranked, valid_block
 
 log = logging.getLogger("featpipe")
 
@@ -81,7 +81,7 @@ def build(fs: FeatureSet, valid: np.ndarray, key: str, block: int, progress: boo
             stop = min(start + block, fs.n)
             ids = np.flatnonzero(valid[start:stop]) + start
             if len(ids):
-                index.add_with_ids(normalize(fs.read(start, stop)[ids - start]), ids.astype(np.int64))
+                index.add_with_ids(valid_block(fs, start, stop, ids), ids.astype(np.int64))
     except RuntimeError as exc:
         raise UserError(f"{key!r}: faiss cannot build it from these vectors: {faiss_message(exc)}") from None
     return index

@@ -43,9 +43,11 @@ class FeatureSet:
     rows_file: str | None = None  # another tool's folder: its rows' path, key and caption (foreign.py)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as float32."""
+        """Rows [start, stop) as float32, in an array of their own (callers divide it in place)."""
         if self.tensor is not None:
-            return self.tensor[start:stop].float().numpy()
+            import torch
+
+            return self.tensor[start:stop].to(torch.float32, copy=True).numpy()
         count = (stop - start) * self.dim
         with open(self.file, "rb") as f:
             f.seek(self.offset + start * self.dim * self.dtype.itemsize)

@@ -94,8 +94,8 @@ def build_index(cfg: IndexConfig) -> dict | None:
         if ctx.is_main:  # first, while no index is held: memory is the names' alone
             _write_names(out, fs)
             give_back_memory()
+        truth = bigindex.early_truth(fs, valid, tiling, ctx) if layout.plan is not None else None
         index, parted = _build(fs, valid, layout, out, cfg, ctx, INDEX_FILE)
-        truth = bigindex.split_truth(fs, valid, tiling, ctx, 10) if ctx.active and parted else None
         if index is None:
             return None
         tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key, truth=truth)
@@ -175,8 +175,11 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
         log.info("index --update: rebuilding, %s", why)
         if planned is not None:  # chosen under the budget: chosen again for the new N
             layout = choose_layout(fs.n, fs.dim, cfg.memory_budget)
-        index, parted = _build(fs, valid, layout, out, cfg, dist.DistContext(), name)
-        tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key)
+        alone = dist.DistContext()
+        truth = bigindex.early_truth(fs, valid, tiling, alone) if layout.plan is not None else None
+        index = None  # the old index, before the new one is built beside it
+        index, parted = _build(fs, valid, layout, out, cfg, alone, name)
+        tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in layout.key, truth=truth)
         trained_on, held = fs.n, 0
     else:
         log.info("index --update: %d rows added, %d rows removed since", len(added), since)

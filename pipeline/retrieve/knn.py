@@ -97,6 +97,19 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1)[:, None]
 
 
+def valid_block(fs: FeatureSet, start: int, stop: int, ids: np.ndarray) -> np.ndarray:
+    """The valid rows `ids` of [start, stop), L2-normalised float32 as `normalize` makes them, with
+    a single float32 array: picked only when some row is not valid and divided in place. A new
+    array at each step had held three copies of a tile, 1.5 GB for the 0.5 GB tile of a 1 GB
+    budget."""
+    x = fs.read(start, stop)
+    if len(ids) != stop - start:
+        x = x[ids - start]
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
+    x /= np.where(norms > 0, norms, 1)[:, None]
+    return x
+
+
 def normalize64(x: np.ndarray) -> np.ndarray:
     """L2-normalised float64 rows, for exact scores: a vector scores exactly 1.0 with itself once
     rounded to float32 (normalised in float32 it scored 0.99999994); zero rows stay zero."""
@@ -153,7 +166,7 @@ class ExactSearch:
             if self.torch:
                 hits = self._within_torch(queries, floors, start, stop, ids)
             else:
-                db = normalize(self.fs.read(start, stop)[ids - start])
+                db = valid_block(self.fs, start, stop, ids)
                 step = max(1, self.fs.dim // 2)
                 hits = (
                     row
@@ -177,7 +190,7 @@ class ExactSearch:
         if not self.torch:
             faiss = load_faiss()
 
-            db = normalize(self.fs.read(start, stop)[ids - start])
+            db = valid_block(self.fs, start, stop, ids)
             s, i = faiss.knn(queries, db, k, metric=faiss.METRIC_INNER_PRODUCT)
             return s, i
         out_s, out_i = [], []
@@ -222,7 +235,7 @@ class ExactSearch:
         if db is None and self._last[0] == start:
             db = self._last[1]
         if db is None:
-            db = torch.from_numpy(normalize(self.fs.read(start, stop)[ids - start])).to(self.device, self._dtype)
+            db = torch.from_numpy(valid_block(self.fs, start, stop, ids)).to(self.device, self._dtype)
             if self.fs.n * self.fs.dim * 2 < _gpu_room(self.device):
                 self._resident[start] = db
             self._last = (start, db)
