@@ -183,3 +183,51 @@ def test_the_retrieval_verbs_read_features_from_a_bucket(s3, s3_server, tmp_path
     key = json.loads((local / "img_list.json").read_text())[2]
     hits = [run_cli("query", tmp_path / f"i{w}", key, "-k", "3", "--json", env=env).stdout for w in "lr"]
     assert hits[0] == hits[1] and json.loads(hits[0].splitlines()[0])["row"] == 2
+
+
+def test_query_serve_and_show_answer_by_row_from_a_bucket(s3, s3_server, tmp_path):
+    """FEATURES and an INDEX in a bucket, both with captions (img2dataset's shards): query, serve
+    and show read their hits' keys, paths and captions by row from the bucket (rows/, the chunks
+    and metadata.parquet), never from img_list.json, and answer as they do from a local disk."""
+    from test_interop import HOSTILE_CAPTION, img2dataset_folder
+    from test_serve import Server
+
+    fs, bucket = s3
+    local = tmp_path / "features"
+    run_cli("extract", img2dataset_folder(tmp_path / "i2d"), local, *MODEL, "--workers", "0")
+    fs.put(str(local), f"{bucket}/features", recursive=True)
+    fs.rm(f"{bucket}/features/img_list.json")  # the on-demand readers must not need it
+    remote, index = f"s3://{bucket}/features", f"s3://{bucket}/index"
+    env = {**s3_server, "FEATPIPE_CACHE": str(tmp_path / "cache")}
+    run_cli("index", remote, index, "--no-progress", env=env)
+    assert fs.exists(f"{bucket}/index/rows")
+    paths = [f"http://127.0.0.1:9/img/{i}.jpg" for i in range(6)]
+    for target in (remote, index):
+        for name in ("000010001", paths[4]):  # by key, by path
+            hits = [
+                json.loads(x) for x in run_cli("query", target, name, "-k", "2", "--json", env=env).stdout.splitlines()
+            ]
+            first = hits[0]
+            assert (first["row"], first["key"], first["path"], first["caption"]) == (
+                4,
+                "000010001",
+                paths[4],
+                "a photo number 4",
+            ), (target, name)
+    server = Server(index)
+    try:
+        status, body = server.post_json({"key": "000000000", "k": 2})
+        assert status == 200
+        assert {h["row"]: (h["path"], h["caption"]) for h in body["hits"]} == {
+            0: (paths[0], HOSTILE_CAPTION),
+            5: (paths[5], "a photo number 5"),  # sample 5 repeats sample 0's image
+        }
+        status, thumb = server.request("/api/thumb/5")
+        assert status == 200 and thumb[:2] == b"\xff\xd8"  # read from the shard named by row 5's place
+    finally:
+        server.stop()
+    run_cli("dedup", remote, tmp_path / "dedup", "--threshold", "0.99", "--no-progress", env=env)
+    run_cli("show", tmp_path / "dedup", tmp_path / "page.html", env=env)
+    page = (tmp_path / "page.html").read_text()
+    assert page.count("data:image/jpeg") >= 2 and paths[5] in page and "a photo number 5" in page
+    assert "&lt;b onmouseover=&quot;x()&quot;&gt;bold&lt;/b&gt;" in page and "<b onmouseover" not in page

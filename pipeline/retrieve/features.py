@@ -170,10 +170,14 @@ class FeatureSet:
 
     @cached_property
     def paths(self) -> list[str] | None:
+        """Source paths in row order: img_list.json, else (a copy without it) the chunks' path column."""
         if self.folder is None:
             return self._chunk_columns.get("path")
         img_list = OutputNames().img_list
         loc = locate(self.folder)
+        if not loc.fs.exists(loc.join(img_list)):
+            paths = [p for block in self.chunk_blocks(("path",)) for p in block.get("path", [])]
+            return paths if len(paths) == self.n else None
         with loc.fs.open(loc.join(img_list), "rb") as f:
             paths = json.loads(f.read())
         if len(paths) != self.n:
