@@ -159,36 +159,11 @@ def test_bad_credentials_are_one_line_naming_the_bucket(verb, strict_s3, tmp_pat
     assert last.startswith(f"featpipe {verb}: error: ") and "guarded" in last, last
 
 
-def test_the_retrieval_verbs_read_features_from_a_bucket(s3, s3_server, tmp_path):
-    fs, bucket = s3
-    src = tmp_path / "images"
-    src.mkdir()
-    for i, photo in enumerate(PHOTOS):
-        (src / f"p{i}.jpg").write_bytes(photo)
-    (src / "copy.jpg").write_bytes(PHOTOS[0])
-    local = tmp_path / "features"
-    run_cli("extract", src, local, *MODEL, "--workers", "0")
-    fs.put(str(local), f"{bucket}/features", recursive=True)
-    remote = f"s3://{bucket}/features"
-    env = {**s3_server, "FEATPIPE_CACHE": str(tmp_path / "cache")}
-    for where, feats in (("l", local), ("r", remote)):
-        run_cli("match", feats, tmp_path / f"m{where}", "-k", "3", "--no-progress", env=env)
-        run_cli("dedup", feats, tmp_path / f"d{where}", "--threshold", "0.99", "-k", "3", "--no-progress", env=env)
-        run_cli("index", feats, tmp_path / f"i{where}", "--no-progress", env=env)
-        run_cli("show", tmp_path / f"d{where}", tmp_path / f"d{where}.html", env=env)
-    for a, b in (("ml/matches.npy", "mr/matches.npy"), ("ml/neighbors.parquet", "mr/neighbors.parquet")):
-        assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a
-    assert (tmp_path / "dl/groups.json").read_bytes() == (tmp_path / "dr/groups.json").read_bytes()
-    assert (tmp_path / "dr.html").read_text().count("data:image/jpeg") >= 2  # thumbnails found from the bucket run
-    key = json.loads((local / "img_list.json").read_text())[2]
-    hits = [run_cli("query", tmp_path / f"i{w}", key, "-k", "3", "--json", env=env).stdout for w in "lr"]
-    assert hits[0] == hits[1] and json.loads(hits[0].splitlines()[0])["row"] == 2
-
-
-def test_query_serve_and_show_answer_by_row_from_a_bucket(s3, s3_server, tmp_path):
-    """FEATURES and an INDEX in a bucket, both with captions (img2dataset's shards): query, serve
-    and show read their hits' keys, paths and captions by row from the bucket (rows/, the chunks
-    and metadata.parquet), never from img_list.json, and answer as they do from a local disk."""
+def test_the_retrieval_verbs_read_features_and_names_from_a_bucket(s3, s3_server, tmp_path):
+    """match, dedup, index and show give the same bytes from features in a bucket as from a local
+    copy; then, with FEATURES and an INDEX in the bucket (img2dataset's shards: captions), query,
+    serve and show read their hits' keys, paths and captions by row from the bucket (rows/, the
+    chunks, metadata.parquet), never from img_list.json (removed there)."""
     from test_interop import HOSTILE_CAPTION, img2dataset_folder
     from test_serve import Server
 
@@ -199,21 +174,22 @@ def test_query_serve_and_show_answer_by_row_from_a_bucket(s3, s3_server, tmp_pat
     fs.rm(f"{bucket}/features/img_list.json")  # the on-demand readers must not need it
     remote, index = f"s3://{bucket}/features", f"s3://{bucket}/index"
     env = {**s3_server, "FEATPIPE_CACHE": str(tmp_path / "cache")}
+    for where, feats in (("l", local), ("r", remote)):
+        run_cli("match", feats, tmp_path / f"m{where}", "-k", "3", "--no-progress", env=env)
+        run_cli("dedup", feats, tmp_path / f"d{where}", "--threshold", "0.99", "-k", "3", "--no-progress", env=env)
+        run_cli("show", tmp_path / f"d{where}", tmp_path / f"d{where}.html", env=env)
+    for a, b in (("ml/matches.npy", "mr/matches.npy"), ("ml/neighbors.parquet", "mr/neighbors.parquet")):
+        assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a
+    assert (tmp_path / "dl/groups.json").read_bytes() == (tmp_path / "dr/groups.json").read_bytes()
     run_cli("index", remote, index, "--no-progress", env=env)
     assert fs.exists(f"{bucket}/index/rows")
     paths = [f"http://127.0.0.1:9/img/{i}.jpg" for i in range(6)]
     for target in (remote, index):
         for name in ("000010001", paths[4]):  # by key, by path
-            hits = [
-                json.loads(x) for x in run_cli("query", target, name, "-k", "2", "--json", env=env).stdout.splitlines()
-            ]
-            first = hits[0]
-            assert (first["row"], first["key"], first["path"], first["caption"]) == (
-                4,
-                "000010001",
-                paths[4],
-                "a photo number 4",
-            ), (target, name)
+            out = run_cli("query", target, name, "-k", "2", "--json", env=env).stdout
+            first = json.loads(out.splitlines()[0])
+            got = (first["row"], first["key"], first["path"], first["caption"])
+            assert got == (4, "000010001", paths[4], "a photo number 4"), (target, name)
     server = Server(index)
     try:
         status, body = server.post_json({"key": "000000000", "k": 2})
@@ -226,8 +202,6 @@ def test_query_serve_and_show_answer_by_row_from_a_bucket(s3, s3_server, tmp_pat
         assert status == 200 and thumb[:2] == b"\xff\xd8"  # read from the shard named by row 5's place
     finally:
         server.stop()
-    run_cli("dedup", remote, tmp_path / "dedup", "--threshold", "0.99", "--no-progress", env=env)
-    run_cli("show", tmp_path / "dedup", tmp_path / "page.html", env=env)
-    page = (tmp_path / "page.html").read_text()
+    page = (tmp_path / "dr.html").read_text()  # show of the bucket's dedup: thumbnails and captions by row
     assert page.count("data:image/jpeg") >= 2 and paths[5] in page and "a photo number 5" in page
     assert "&lt;b onmouseover=&quot;x()&quot;&gt;bold&lt;/b&gt;" in page and "<b onmouseover" not in page
