@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,12 +84,47 @@ def disk(folder: Path, names: list[str]) -> float:
     return sum((folder / n).stat().st_size for n in names if (folder / n).exists()) / 1e6
 
 
+def phase_peaks(cmd: list[str]) -> tuple[float, float, list[tuple[str, int]]]:
+    """Wall seconds, peak RSS in MB (the kernel's VmHWM, as GNU time's maximum) and the peak
+    resident MB of each phase of a command, a phase being the time from one of its log lines
+    ("featpipe: index: trained ...") to the next, sampled every 0.2 s from /proc."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marks: list[tuple[float, str]] = [(start, "start")]
+
+    def read_log() -> None:
+        marks.extend((time.perf_counter(), line.strip()) for line in proc.stderr)
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    samples, hwm = [], 0
+    while proc.poll() is None:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines())
+            samples.append((time.perf_counter(), int(status["VmRSS"].split()[0]) // 1024))
+            hwm = max(hwm, int(status["VmHWM"].split()[0]) // 1024)
+        except (OSError, KeyError, ValueError):
+            pass  # the process is gone between poll() and the read
+        time.sleep(0.2)
+    reader.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {marks[-1][1]}")
+    ends = [t for t, _ in marks[1:]] + [start + seconds]
+    phases = [
+        (text[:60], max((r for t, r in samples if a <= t < b), default=0))
+        for (a, text), b in zip(marks, ends, strict=True)
+        if "faiss.loader" not in text
+    ]
+    return seconds, max([hwm] + [r for _, r in samples]), phases
+
+
 def ours(feats: Path, budget: str, q: np.ndarray, truth: np.ndarray) -> dict:
     from pipeline.retrieve.query import Target
 
     out = WORK / f"featpipe-{budget}"
     cmd = [sys.executable, "-m", "pipeline", "index", str(feats), str(out), "--memory-budget", budget]
-    seconds, rss = timed([*cmd, "--overwrite", "--no-progress"])
+    seconds, rss, phases = phase_peaks([*cmd, "--overwrite", "--no-progress"])
     meta = json.loads((out / "index.json").read_text())
     target = Target(str(out))
     found, (p50, p99) = latencies(lambda x: target.search(x, K)[0], q)
@@ -104,6 +140,7 @@ def ours(feats: Path, budget: str, q: np.ndarray, truth: np.ndarray) -> dict:
         "p50_ms": round(p50, 2),
         "p99_ms": round(p99, 2),
         "tuned": f"nprobe {meta['value']}, {meta['rerank_factor']}x re-ranked",
+        "phase_peaks_mb": phases,
     }
 
 
@@ -250,6 +287,9 @@ def main() -> None:
     cols = ("build_s", "peak_rss_mb", "size_mb", "recall_at_10", "p50_ms", "p99_ms", "tuned")
     for r in results:
         print(f"| {r['tool']} | {r['index']} ({r['storage']}) | " + " | ".join(str(r[c]) for c in cols) + " |")
+    print("featpipe's build, peak resident MB from each log line to the next:")
+    for text, peak in results[0].get("phase_peaks_mb", []):
+        print(f"  {peak:6d}  {text}")
     print("| rows | index | featpipe query: first answer s | peak RSS MB | path → row p50 / p99 ms |")
     for r in starts:
         cells = (r["first_answer_s"], r["peak_rss_mb"], f"{r['lookup_p50_ms']} / {r['lookup_p99_ms']}")
