@@ -182,3 +182,24 @@ def test_lists_sized_once_merge_to_merge_froms_bytes(tmp_path):
     merge_presized(merged, names)
     assert merged.ntotal == len(x)
     assert faiss.serialize_index(merged).tobytes() == faiss.serialize_index(reference).tobytes()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".npy"])
+def test_a_tile_is_normalised_in_its_own_array(tmp_path, suffix):
+    """valid_block divides the tile it read in place (one float32 copy of a tile, not three):
+    the rows it gives are normalize's, valid rows only, and the features themselves (a .pth
+    tensor is memory-mapped by torch) read the same afterwards."""
+    import torch
+
+    from pipeline.retrieve.features import open_features
+    from pipeline.retrieve.knn import normalize, valid_block
+
+    x = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    x[7] = 0  # a zero row stays zero
+    path = tmp_path / f"fts{suffix}"
+    torch.save(torch.from_numpy(x), path) if suffix == ".pth" else np.save(path, x)
+    fs = open_features(path)
+    ids = np.array([3, 4, 7, 9, 19])
+    for rows in (ids, np.arange(0, 20)):
+        assert np.array_equal(valid_block(fs, 0, 20, rows), normalize(x[rows]))
+    assert np.array_equal(fs.read(0, 50), x)
