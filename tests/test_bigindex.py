@@ -74,6 +74,19 @@ def test_compressed_index_in_memory_answers_with_exact_scores(features, tmp_path
         assert abs(h.score - float(fts[h.row] @ (q / np.linalg.norm(q)))) < 1e-5
 
 
+def test_a_rotated_pq_index_given_by_key_is_tuned_and_re_ranked(features, tmp_path):
+    """--index-key with a pre-transform (OPQ) before the IVF: tuning finds its nprobe through the
+    rotation (it took the index for an exact one, reaching recall 0.68) and re-ranks exactly."""
+    out = tmp_path / "opq"
+    run_cli("index", features, out, "--index-key", "OPQ8,IVF64,PQ8x8np", "--no-progress")
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["search_parameter"] == "nprobe" and meta["rerank_factor"] >= 2, meta
+    assert meta["estimated_recall_at_10"] >= 0.95, meta
+    key = json.loads((features / "img_list.json").read_text())[321]
+    hits, exact = (api.query(target, [key], k=5) for target in (out, features))
+    assert [(h.row, round(h.score, 5)) for h in hits] == [(h.row, round(h.score, 5)) for h in exact]
+
+
 def test_lists_on_disk_are_served_memory_mapped(features, on_disk):
     meta = json.loads((on_disk / "index.json").read_text())
     assert meta["storage"] == "ondisk" and "on disk" in meta["why"]

@@ -93,18 +93,25 @@ def faiss_message(exc: BaseException) -> str:
     return text.rsplit("failed: ", 1)[-1].split(" at /", 1)[0] if "Error" in text else text
 
 
+def _core(index):
+    """The index under its id map and pre-transforms (OPQ, PCA: `--index-key OPQ64,IVF…`)."""
+    faiss = load_faiss()
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
 def search_parameter(index) -> str | None:
     faiss = load_faiss()
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if isinstance(inner, faiss.IndexHNSW):
+    if isinstance(_core(index), faiss.IndexHNSW):
         return "efSearch"
-    return "nprobe" if "IVF" in type(inner).__name__ else None
+    return "nprobe" if faiss.try_extract_index_ivf(index) is not None else None
 
 
 def set_search_parameter(index, name: str | None, value: int | None) -> None:
     faiss = load_faiss()
     if name == "efSearch":
-        faiss.downcast_index(index.index).hnsw.efSearch = value
+        _core(index).hnsw.efSearch = value
     elif name == "nprobe":
         faiss.extract_index_ivf(index).nprobe = value
 
