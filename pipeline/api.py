@@ -126,6 +126,9 @@ def load_features(out: PathLike, dtype: str = "float16", mmap: bool = True) -> t
             "from one (for a bare .npy, use numpy.load)"
         )
     names = OutputNames()
+    no_copy = dtype == "float32" and os.path.exists(os.path.join(out, names.numpy_features))
+    if no_copy and not os.path.exists(os.path.join(out, names.torch_features)):
+        raise UserError(f"{out} has no fts.pth (extracted with --torch-features none): load dtype='float16'")
     try:
         with open(os.path.join(out, names.img_list), encoding="utf-8") as f:
             paths = json.load(f)

@@ -42,15 +42,16 @@ FAILED = "failed"  # records of shards that could not be read for a passing reas
 
 @dataclass(frozen=True)
 class OutputNames:
-    """The consolidated files' names (the original script's flags)."""
+    """The consolidated files' names (the original script's flags). torch_features None: no
+    float32 copy (`--torch-features none`: 1B × 768 would be 3 TB beside fts.npy's 1.5 TB)."""
 
-    torch_features: str = "fts.pth"
+    torch_features: str | None = "fts.pth"
     numpy_features: str = "fts.npy"
     img_list: str = "img_list.json"
     errors: str = "errors.jsonl"
 
     def all(self) -> tuple[str, ...]:
-        return (self.numpy_features, self.torch_features, self.img_list, self.errors)
+        return tuple(n for n in (self.numpy_features, self.torch_features, self.img_list, self.errors) if n)
 
 
 @dataclass(frozen=True)

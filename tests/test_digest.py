@@ -85,13 +85,24 @@ def test_make_features_writes_an_extract_output_any_command_takes(tmp_path):
     import subprocess
     import sys
 
-    def make(out):
+    def make(out, *flags):
         cmd = [sys.executable, str(ROOT / "tools" / "make_features.py"), str(out), "--rows", "2500", "--dim", "16"]
-        subprocess.run([*cmd, "--shard-rows", "1000"], check=True, capture_output=True)
+        subprocess.run([*cmd, "--shard-rows", "1000", *flags], check=True, capture_output=True)
 
     make(tmp_path / "a")
-    make(tmp_path / "b")
-    assert (tmp_path / "a" / "fts.npy").read_bytes() == (tmp_path / "b" / "fts.npy").read_bytes()
+    make(tmp_path / "b", "--torch-features", "none")  # no float32 copy: the rest the same bytes
+    assert (tmp_path / "a" / "fts.pth").exists() and not (tmp_path / "b" / "fts.pth").exists()
+    for name in ("fts.npy", "img_list.json", "metadata/metadata.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    digests = [json.loads((tmp_path / x / "digest.json").read_text())["fingerprints"] for x in "ab"]
+    assert digests[0] == digests[1]  # the files' stamps (mtimes) differ, the fingerprints do not
+    run_cli("verify", tmp_path / "b", "--torch-features", "none")
+    with pytest.raises(api.UserError, match="--torch-features none"):
+        api.load_features(tmp_path / "b", dtype="float32")
+    run_cli("consolidate", tmp_path / "b")  # asked for again: written
+    assert torch_equal(tmp_path / "a" / "fts.pth", tmp_path / "b" / "fts.pth")
+    run_cli("consolidate", tmp_path / "b", "--torch-features", "none")  # an earlier copy is not left stale
+    assert not (tmp_path / "b" / "fts.pth").exists()
     assert np.load(tmp_path / "a" / "fts.npy").shape == (2500, 16)
     run_cli("verify", tmp_path / "a")
     paths = json.loads((tmp_path / "a" / "img_list.json").read_text())
@@ -101,3 +112,9 @@ def test_make_features_writes_an_extract_output_any_command_takes(tmp_path):
         if ln
     ]
     assert paths[1].startswith("s3://") and [h["row"] for h in hits] == [1, 0]  # row 1 is a near-copy of row 0
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True))

@@ -108,7 +108,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_output_name_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--torch-features", default="fts.pth", help="float32 tensor file name in OUT")
+    p.add_argument(
+        "--torch-features", default="fts.pth", help="float32 tensor file name in OUT; none: write no float32 copy"
+    )
     p.add_argument("--numpy-features", default="fts.npy", help="float16 array file name in OUT")
     p.add_argument("--img-list", default="img_list.json", help="row-aligned source paths, file name in OUT")
 
@@ -119,7 +121,8 @@ def output_names(args: argparse.Namespace):
     for flag in ("torch_features", "numpy_features", "img_list"):
         if "/" in getattr(args, flag):
             raise UserError(f"--{flag.replace('_', '-')} is a file name inside OUT, not a path")
-    return OutputNames(args.torch_features, args.numpy_features, args.img_list)
+    torch_features = None if args.torch_features.lower() == "none" else args.torch_features
+    return OutputNames(torch_features, args.numpy_features, args.img_list)
 
 
 def add_io_concurrency(p: argparse.ArgumentParser, what: str) -> None:

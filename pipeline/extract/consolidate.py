@@ -72,6 +72,9 @@ def consolidate(out: Location, run: RunInfo, names: OutputNames = OutputNames())
         for name in written:
             commit_file(out.fs, staged.pop(name), out.join(name))
             crash_point("consolidate")
+        stale = out.join(OutputNames().torch_features)
+        if names.torch_features is None and out.fs.exists(stale):  # an earlier run's copy, now out of date
+            out.fs.rm(stale)
         digest.commit(out, names.numpy_features)
     except OSError as exc:  # a full disk, a read-only OUT: one line, and no temporary file left behind
         raise UserError(f"cannot write the consolidated files in {out.url()}: {reason(exc)}") from None
@@ -111,9 +114,11 @@ def _write(
 ) -> int:
     """Fill the staged files; returns the number of error records."""
     f16 = open_memmap(staged[names.numpy_features], mode="w+", dtype=np.float16, shape=(rows, dim))
-    f32 = open_memmap(f32_path, mode="w+", dtype=np.float32, shape=(rows, dim))
     reserve(staged[names.numpy_features], f16.offset + f16.nbytes)
-    reserve(f32_path, f32.offset + f32.nbytes)
+    f32 = None
+    if names.torch_features is not None:
+        f32 = open_memmap(f32_path, mode="w+", dtype=np.float32, shape=(rows, dim))
+        reserve(f32_path, f32.offset + f32.nbytes)
     n_errors = row = 0
     with (
         open(staged[names.img_list], "w", encoding="utf-8") as img_list,
@@ -125,7 +130,8 @@ def _write(
             if rec.rows:
                 table = _chunk(out, rec.shard)
                 mat = chunk_matrix(table)
-                f32[row : row + len(mat)] = mat
+                if f32 is not None:
+                    f32[row : row + len(mat)] = mat
                 f16[row : row + len(mat)] = mat
                 digest.update(f16[row : row + len(mat)])
                 metadata.add(rec.shard, table)
@@ -142,18 +148,24 @@ def _write(
         doc = {"rows": [r for r, _ in removed], "paths": [p for _, p in removed]}
         f.write(json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
     f16.flush()
-    f32.flush()
     del f16
-    # torch.save streams the tensor's storage, which here is the memory map: no full copy in RAM.
-    # A file object, not a path: torch names the zip's inner folder after a path, and the
-    # temporary name would make the bytes differ from run to run. The space is reserved first (the
-    # zip adds well under 64 KB to the data), then the file is cut to what torch wrote.
-    reserve(staged[names.torch_features], f32.nbytes + 65536)
-    with open(staged[names.torch_features], "r+b") as f:
+    if f32 is not None:
+        _save_tensor(f32, staged[names.torch_features])
+    return n_errors
+
+
+def _save_tensor(f32: np.ndarray, staged: str) -> None:
+    """fts.pth from the float32 rows.
+
+    torch.save streams the tensor's storage, which here is the memory map: no full copy in RAM.
+    A file object, not a path: torch names the zip's inner folder after a path, and the
+    temporary name would make the bytes differ from run to run. The space is reserved first (the
+    zip adds well under 64 KB to the data), then the file is cut to what torch wrote."""
+    f32.flush()
+    reserve(staged, f32.nbytes + 65536)
+    with open(staged, "r+b") as f:
         torch.save(torch.from_numpy(f32), f)
         f.truncate()
-    del f32
-    return n_errors
 
 
 class VectorDigest:

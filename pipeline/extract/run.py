@@ -418,7 +418,7 @@ def summary(stats: dict, out: str, names: OutputNames) -> str:
     failed = f", {len(stats['failed_shards'])} shards failed" if stats["failed_shards"] else ""
     return (
         f"{stats['rows']} images embedded ({stats['dim']}-dim, {stats['device']}, {stats['precision']}), "
-        f"{stats['errors']} failed{failed}: {out}/{names.numpy_features}, {names.torch_features}, "
-        f"{names.img_list}; failures in {names.errors}; {stats['embedded_this_run']} new this run at "
+        f"{stats['errors']} failed{failed}: {out}/{', '.join(names.all()[:-1])}; "
+        f"failures in {names.errors}; {stats['embedded_this_run']} new this run at "
         f"{stats['images_per_s']} img/s"
     )

@@ -123,7 +123,7 @@ def _check_outputs(
     try:
         listed = _load(out, names.img_list, lambda f: json.load(f))
         f16 = _load(out, names.numpy_features, lambda f: np.load(f, allow_pickle=False))
-        f32 = _load(out, names.torch_features, _load_tensor)
+        f32 = _load(out, names.torch_features, _load_tensor) if names.torch_features else None
     except _Unusable as exc:
         return [str(exc)]
     problems = []
@@ -131,12 +131,12 @@ def _check_outputs(
         problems.append(f"{names.img_list}: {len(listed)} paths that do not match the chunks' {n} rows")
     if f16.dtype != np.float16 or f16.shape != (n, dim):
         return [*problems, f"{names.numpy_features}: {f16.dtype} {f16.shape}, expected float16 {(n, dim)}"]
-    if f32.dtype != np.float32 or f32.shape != (n, dim):
+    if f32 is not None and (f32.dtype != np.float32 or f32.shape != (n, dim)):
         return [*problems, f"{names.torch_features}: {f32.dtype} {f32.shape}, expected float32 {(n, dim)}"]
     row = 0
     for shard, mat in mats:
         part = slice(row, row + len(mat))
-        if not np.array_equal(f32[part], mat):
+        if f32 is not None and not np.array_equal(f32[part], mat):
             problems.append(f"{names.torch_features}: rows of {shard} differ from its chunk")
         if not np.array_equal(f16[part], mat.astype(np.float16)):
             problems.append(f"{names.numpy_features}: rows of {shard} differ from its chunk")
