@@ -80,6 +80,7 @@ bench: install
 	$(BIN)/python tools/bench_models.py
 	$(BIN)/python tools/bench_grow.py
 	$(BIN)/python tools/bench_index.py
+	$(BIN)/python tools/bench_scale.py
 	$(BIN)/python tools/bench_interop.py
 
 # autofaiss for bench_index.py and bench_interop.py, in its own venv: it pins numpy < 2, and its OPQ code calls

@@ -119,7 +119,7 @@ def test_every_flag_the_readme_shows_exists():
                 known |= {o for a in sub._actions for o in a.option_strings}
     scripts = ["extract_fts.py", "match_fts.py", "bench.py", "bench_match.py", "bench_pack_plan.py"]
     scripts += ["bench_stores.py", "bench_serve.py", "bench_models.py", "bench_grow.py", "gpu_check.py"]
-    scripts += ["make_features.py", "bench_index.py", "bench_interop.py"]
+    scripts += ["make_features.py", "bench_index.py", "bench_interop.py", "bench_scale.py"]
     helps = [[sys.executable, str(ROOT / "tools" / s), "--help"] for s in scripts]
     helps.append([sys.executable, "-m", "torch.distributed.run", "--help"])
     helps.append([sys.executable, str(ROOT / "tools" / "make_sample_images.py"), "--help"])

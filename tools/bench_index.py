@@ -206,7 +206,7 @@ def query_row(feats: Path, budget: str, label: str) -> dict:
     meta = json.loads((out / "index.json").read_text())
     path = json.loads((feats / "img_list.json").read_text())[7]
     runs = [timed([sys.executable, "-m", "pipeline", "query", str(out), path, "-k", "10"]) for _ in range(3)]
-    lookup = key_lookups(out, feats)
+    lookup = key_lookups(out)
     return {
         "lookup_p50_ms": round(float(np.percentile(lookup, 50)), 3),
         "lookup_p99_ms": round(float(np.percentile(lookup, 99)), 3),
@@ -217,19 +217,22 @@ def query_row(feats: Path, budget: str, label: str) -> dict:
     }
 
 
-def key_lookups(index: Path, feats: Path) -> list[float]:
-    """Milliseconds of 1,000 path → row lookups through INDEX/rows/ (a fresh process's first ones
-    included: what `serve` pays for a `key` query)."""
+def key_lookups(index: Path) -> list[float]:
+    """Milliseconds of 1,000 path → row lookups through INDEX/rows/ in this process (its first
+    ones included: what `serve` pays for a `key` query). The paths are read from rows/ by row
+    first, not from img_list.json (50M paths are 3 GB of JSON)."""
     from pipeline.retrieve.rowmeta import RowMeta
     from pipeline.storage import locate
 
-    paths = json.loads((feats / "img_list.json").read_text())
     rows = RowMeta(locate(str(index)))
+    wanted = np.random.default_rng(5).choice(rows.n, min(1000, rows.n), replace=False)
+    paths = [rows.name("path", int(r)) for r in wanted]
     times = []
-    for r in np.random.default_rng(5).choice(len(paths), 1000, replace=False):
+    for path, r in zip(paths, wanted, strict=True):
         t = time.perf_counter()
-        assert rows.row_of(paths[r]) is not None
+        found = rows.row_of(path)
         times.append((time.perf_counter() - t) * 1000)
+        assert found is not None and rows.name("path", found) == path, (r, found)
     return times
 
 

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""`make bench` for start-up that does not grow with N (issue 31): at two sizes of synthetic
+features (tools/make_features.py, `--torch-features none`, written once) with an index built under
+one memory budget, in one run:
+
+- `featpipe query INDEX PATH`: wall time to the answer and peak RSS (best and worst of 3 runs);
+- `featpipe serve INDEX`: process start to `/healthz` ready, its RSS then, one key query through
+  the API, and a reload (index.json touched, as `index --update` commits it) to `/api/info` saying so;
+- 1,000 path → row lookups through INDEX/rows/ in a fresh process (p50 / p99).
+
+    python tools/bench_scale.py [--rows 50000000] [--small 1000000] [--dim 64] [--budget 1GB]
+
+Targets (issue 31): first answer ≤ 3 s beyond loading the model and index, RSS beyond the index
+≤ 300 MB at any N, key lookup ≤ 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_index import key_lookups  # noqa: E402  (1,000 path → row lookups through rows/, in ms)
+from bench_match import timed  # noqa: E402  (wall seconds and the child's peak RSS)
+
+from pipeline.units import parse_bytes  # noqa: E402
+
+WORK = ROOT / "bench-out" / "scale"
+
+
+def features(rows: int, dim: int) -> Path:
+    out = WORK / f"features-{rows}x{dim}"
+    if not (out / "fts.npy").exists():
+        cmd = [sys.executable, str(ROOT / "tools" / "make_features.py"), str(out), "--rows", str(rows)]
+        cmd += ["--dim", str(dim), "--shard-rows", str(max(10_000, rows // 100)), "--torch-features", "none"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def index(feats: Path, budget: str) -> tuple[Path, float | None]:
+    """INDEX of FEATURES under the budget (built once) and its build seconds when built now."""
+    out = WORK / f"index-{feats.name}-{budget}"
+    if (out / "index.json").exists():
+        return out, None
+    cmd = [sys.executable, "-m", "pipeline", "index", str(feats), str(out), "--memory-budget", budget]
+    seconds, _ = timed([*cmd, "--no-progress"])
+    return out, round(seconds, 1)
+
+
+def rss_mb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def get(url: str, data: bytes | None = None) -> dict:
+    headers = {"Content-Type": "application/json"} if data else {}
+    with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as r:
+        return json.loads(r.read())
+
+
+def serve_row(target: Path, key: str) -> dict:
+    """serve's start to ready, a key query and a reload, timed from outside as a user sees them."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "serve", str(target), "--port", "0", "--device", "cpu"]
+    start = time.perf_counter()
+    cmd += ["--reload-every", "1"]  # seconds between checks: a reload is seen within 1 s plus its load
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = proc.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+        while True:
+            try:
+                get(url + "/healthz")
+                break
+            except OSError:
+                time.sleep(0.05)
+        ready = time.perf_counter() - start
+        ready_rss = rss_mb(proc.pid)
+        t = time.perf_counter()
+        hits = get(url + "/api/search", json.dumps({"key": key, "k": 10}).encode())["hits"]
+        key_query = time.perf_counter() - t
+        assert hits and hits[0]["key"] == key, hits[:1]
+        os.utime(target / "index.json")  # what `index --update` does to it, as far as the stamp goes
+        t = time.perf_counter()
+        while get(url + "/api/info")["reloads"] < 1:
+            time.sleep(0.02)
+        reload = time.perf_counter() - t
+        return {
+            "serve_ready_s": round(ready, 2),
+            "serve_rss_mb": ready_rss,
+            "serve_key_query_ms": round(key_query * 1000, 1),
+            "serve_reload_s": round(reload, 2),
+            "serve_rss_after_reload_mb": rss_mb(proc.pid),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def measure(rows: int, dim: int, budget: str) -> dict:
+    feats = features(rows, dim)
+    target, build_s = index(feats, budget)
+    meta = json.loads((target / "index.json").read_text())
+    key, path = row_names(target, 7)
+    runs = [timed([sys.executable, "-m", "pipeline", "query", str(target), path, "-k", "10"]) for _ in range(3)]
+    lookups = key_lookups(target)
+    index_mb = sum(f.stat().st_size for f in target.glob("index*.faiss")) / 1e6
+    return {
+        "rows": rows,
+        "index": meta["index_key"],
+        "storage": meta.get("storage", "memory"),
+        "index_file_mb": round(index_mb, 1),
+        "build_s": build_s,
+        "query_first_answer_s": [round(min(r[0] for r in runs), 2), round(max(r[0] for r in runs), 2)],
+        "query_peak_rss_mb": round(max(r[1] for r in runs)),
+        "lookup_p50_ms": round(float(np.percentile(lookups, 50)), 3),
+        "lookup_p99_ms": round(float(np.percentile(lookups, 99)), 3),
+        **serve_row(target, key),
+    }
+
+
+def row_names(target: Path, row: int) -> tuple[str, str]:
+    """(key, path) of a row, read from INDEX/rows/ (img_list.json would be 50M paths of JSON)."""
+    from pipeline.retrieve.rowmeta import RowMeta
+    from pipeline.storage import locate
+
+    rows = RowMeta(locate(str(target)))
+    return rows.name("key", row), rows.name("path", row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=50_000_000)
+    ap.add_argument("--small", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--budget", default="1GB")
+    args = ap.parse_args()
+    parse_bytes(args.budget)  # a bad size fails here, before any work
+    WORK.mkdir(parents=True, exist_ok=True)
+    results = [measure(n, args.dim, args.budget) for n in (args.small, args.rows)]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    )
+    (WORK / "result.json").write_text(
+        json.dumps({"machine": machine, "budget": args.budget, "rows": results}, indent=1)
+    )
+    print(f"# {args.dim}-dim, index budget {args.budget}, {machine}")
+    cols = list(results[0])
+    print("| " + " | ".join(cols) + " |")
+    for r in results:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
