@@ -278,7 +278,7 @@ def split_truth(fs: FeatureSet, valid: np.ndarray, tiling, ctx: dist.DistContext
 def early_truth(fs: FeatureSet, valid: np.ndarray, tiling, ctx: dist.DistContext):
     """split_truth for a parted build, computed before it: its tiles take up to the budget, and
     beside the merged codes they did not fit (10M × 128 at 1 GB peaked at 1.87 GB while tuning
-    scanned for the truth with 0.73 GB of codes held; 0.93 GB with the truth found first)."""
+    scanned for the truth with 0.73 GB of codes held; 0.98 GB with the truth found first)."""
     truth = split_truth(fs, valid, tiling, ctx, 10)
     give_back_memory()
     return truth
