@@ -87,6 +87,20 @@ def test_a_rotated_pq_index_given_by_key_is_tuned_and_re_ranked(features, tmp_pa
     assert [(h.row, round(h.score, 5)) for h in hits] == [(h.row, round(h.score, 5)) for h in exact]
 
 
+def test_tuning_stops_where_more_lists_and_candidates_gain_nothing(tmp_path):
+    """One-byte codes of one Gaussian blob cannot rank neighbours: recall after re-ranking 64×
+    candidates stays near 0.2. Tuning keeps the nprobe where doubling stopped gaining, and says
+    the target is out of reach, instead of probing every list (each query a full scan)."""
+    x = np.random.default_rng(0).standard_normal((40000, 64)).astype(np.float32)
+    np.save(tmp_path / "blob.npy", x)
+    out = tmp_path / "index"
+    proc = run_cli("index", tmp_path / "blob.npy", out, "--index-key", "IVF64,PQ1x8np", "--no-progress")
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["search_parameter"] == "nprobe" and meta["value"] < 64, meta
+    assert meta["estimated_recall_at_10"] < 0.5 and meta["rerank_factor"] == 64, meta
+    assert "the target 0.95 is out of reach of these codes" in proc.stderr
+
+
 def test_lists_on_disk_are_served_memory_mapped(features, on_disk):
     meta = json.loads((on_disk / "index.json").read_text())
     assert meta["storage"] == "ondisk" and "on disk" in meta["why"]

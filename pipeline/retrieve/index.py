@@ -167,7 +167,7 @@ def update_index(cfg: IndexConfig, fs: FeatureSet) -> dict:
         ann.set_search_parameter(index, meta["search_parameter"], meta["value"])
         tuned = ann.tune(index, fs, valid, tiling, 10, rerank="PQ" in key)
         if tuned.recall < ann.RECALL_TARGET and tuned.param == "nprobe":
-            why = f"its recall@10 fell to {tuned.recall:.3f} with every list probed"
+            why = f"its recall@10 fell to {tuned.recall:.3f}, under the target, however many lists are probed"
     planned = bigindex.Plan(**meta["plan"]) if meta.get("plan") else None
     layout = Layout(key, meta.get("why", "--index-key"), planned)
     parted = None
