@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_index import key_lookups  # noqa: E402  (1,000 path → row lookups through rows/, in ms)
 from bench_match import timed  # noqa: E402  (wall seconds and the child's peak RSS)
+from bench_serve import start_serve  # noqa: E402  (featpipe serve on a free port, once /healthz answers)
 
 from pipeline.units import parse_bytes  # noqa: E402
 
@@ -73,19 +74,10 @@ def get(url: str, data: bytes | None = None) -> dict:
 
 def serve_row(target: Path, key: str) -> dict:
     """serve's start to ready, a key query and a reload, timed from outside as a user sees them."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipeline", "serve", str(target), "--port", "0", "--device", "cpu"]
     start = time.perf_counter()
-    cmd += ["--reload-every", "1"]  # seconds between checks: a reload is seen within 1 s plus its load
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    # a reload is seen within the 1 s between checks, plus its load
+    proc, url = start_serve(target, "--reload-every", "1")
     try:
-        url = proc.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
-        while True:
-            try:
-                get(url + "/healthz")
-                break
-            except OSError:
-                time.sleep(0.05)
         ready = time.perf_counter() - start
         ready_rss = rss_mb(proc.pid)
         t = time.perf_counter()

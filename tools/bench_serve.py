@@ -69,6 +69,23 @@ def get(url: str) -> float:
     return time.perf_counter() - t0
 
 
+def start_serve(target: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`featpipe serve TARGET` on a free port, once its /healthz answers: (the process, its URL)."""
+    cmd = [sys.executable, "-m", "pipeline", "serve", str(target), "--port", "0", "--device", "cpu", *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    url = server.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            get(url + "/healthz")
+            return server, url
+        except OSError:  # 503 until loaded
+            time.sleep(0.05)
+    server.terminate()
+    raise SystemExit(f"featpipe serve {target} was not ready after 600 s")
+
+
 class Client:
     """One client's keep-alive connection (as `requests.Session`, browsers and proxies keep theirs):
     a new TCP connection per query measured connection set-up on both sides, not the service."""
@@ -207,21 +224,8 @@ def main() -> None:
         featpipe("query", str(index), str(work / "images" / f"{i}.jpg"), "-k", "10")
         seq.append(time.perf_counter() - t0)
     alone = model_alone(work, 32)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", str(index), "--port", "0", "--device", "cpu"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-    )
+    server, url = start_serve(index)
     try:
-        url = server.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
-        while True:
-            try:
-                get(url + "/healthz")
-                break
-            except Exception:
-                time.sleep(0.2)
         image = run_load(url, args.clients, args.per_client, "image", work)
         rows = run_load(url, args.clients, args.per_client * 3, "row", work)
         vectors = run_load(url, args.clients, args.per_client * 3, "vector", work)
