@@ -93,8 +93,13 @@ def device_query_rows(db_rows: int, held: int, free: int, elem: int = 2) -> int:
 
 def normalize(x: np.ndarray) -> np.ndarray:
     """L2-normalised float32 rows (faiss.normalize_L2's arithmetic), for the fast search; zero rows stay zero."""
+    return x / _divisors(x)
+
+
+def _divisors(x: np.ndarray) -> np.ndarray:
+    """Each row's float32 L2 norm as a column, 1 for a zero row (which then stays zero)."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
-    return x / np.where(norms > 0, norms, 1)[:, None]
+    return np.where(norms > 0, norms, 1)[:, None]
 
 
 def valid_block(fs: FeatureSet, start: int, stop: int, ids: np.ndarray) -> np.ndarray:
@@ -105,8 +110,7 @@ def valid_block(fs: FeatureSet, start: int, stop: int, ids: np.ndarray) -> np.nd
     x = fs.read(start, stop)
     if len(ids) != stop - start:
         x = x[ids - start]
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
-    x /= np.where(norms > 0, norms, 1)[:, None]
+    x /= _divisors(x)
     return x
 
 
