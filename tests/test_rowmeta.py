@@ -135,9 +135,39 @@ def test_the_lookup_table_sorted_in_buckets_is_the_same_bytes(small, tmp_path, m
     fs = open_features(small / "features")
     monkeypatch.setattr(rowmeta, "_BUCKET_BYTES", 4096)
     rowmeta.write(locate(str(tmp_path)), fs, rowmeta.row_blocks(fs))
-    for name in (rowmeta.LOOKUP_HASH, rowmeta.LOOKUP_ROW, "key.bytes", "caption.offsets.npy"):
+    for name in (rowmeta.LOOKUP_HASH, rowmeta.LOOKUP_ROW, rowmeta.LOOKUP_FENCE, "key.bytes", "caption.offsets.npy"):
         assert (tmp_path / "rows" / name).read_bytes() == (small / "index" / "rows" / name).read_bytes(), name
     assert len(os.listdir(tmp_path / "rows")) == len(os.listdir(small / "index" / "rows"))
+
+
+def test_every_name_is_found_through_the_fence_and_without_it(small, tmp_path, monkeypatch):
+    """A lookup searches one block of the sorted hashes, found through the fence (every FENCE-th
+    hash, in memory), so a cold lookup faults a page or two, not log2(2N). With a fence post every
+    8 hashes (2,500 posts, the buckets' edges between them), every key and path finds its row; an
+    index of an earlier featpipe (no fence file) finds the same; runs of equal hashes across a post
+    lie inside the block searched."""
+    from pipeline.retrieve import rowmeta
+    from pipeline.retrieve.features import open_features
+
+    fs = open_features(small / "features")
+    monkeypatch.setattr(rowmeta, "_BUCKET_BYTES", 4096)
+    monkeypatch.setattr(rowmeta, "FENCE", 8)
+    rowmeta.write(locate(str(tmp_path)), fs, rowmeta.row_blocks(fs))
+    hashes = np.load(tmp_path / "rows" / rowmeta.LOOKUP_HASH)
+    assert (np.load(tmp_path / "rows" / rowmeta.LOOKUP_FENCE) == hashes[::8]).all()
+    chunks = pq.read_table(small / "features" / "chunks")
+    names = chunks.column("key").to_pylist() + json.loads((small / "features" / "img_list.json").read_text())
+    with_fence = RowMeta(locate(str(tmp_path)))
+    assert [with_fence.row_of(name) for name in names] == list(range(10_000)) * 2
+    (tmp_path / "rows" / rowmeta.LOOKUP_FENCE).unlink()
+    without = RowMeta(locate(str(tmp_path)))
+    assert without.fence is None
+    assert [without.row_of(n) for n in names[::97]] == [r % 10_000 for r in range(0, 20_000, 97)]
+    with_fence.hashes = np.repeat(hashes[:300], 5)  # runs of 5 equal hashes, some across posts
+    with_fence.fence = with_fence.hashes[::8]
+    for h in hashes[:300]:
+        start, stop = with_fence._block(h)
+        assert (with_fence.hashes[start:stop] == h).sum() == 5 and stop - start <= 16
 
 
 def test_show_reads_the_names_of_its_rows_alone(small, tmp_path):
