@@ -47,9 +47,9 @@ def test_the_choice_follows_the_budget():
     assert (tight.m, tight.ondisk) == (24, False) and 10**8 * (tight.m + 8) <= 0.8 * 5e9
     assert plan(10**8, 384, 8 * 10**9).m > tight.m  # more budget, finer codes
     coarse = plan(10**8, 384, 2 * 10**9)  # only codes coarser than D/16 bytes would fit: on disk
-    assert coarse.ondisk and coarse.m == 96 and "even 24-byte codes" in coarse.why
+    assert coarse.ondisk and coarse.m == 192 and "even 24-byte codes" in coarse.why  # D/2: disk, not RAM
     huge = plan(10**9, 384, 4 * 10**9)
-    assert huge.ondisk and huge.m == 96 and "on disk" in huge.why
+    assert huge.ondisk and huge.m == 192 and "on disk" in huge.why
     # the training sample fits a quarter of the budget, and bounds nlist (39 points a list at least)
     assert huge.train_rows * 384 * 4 <= 10**9 and huge.nlist == 16384 and huge.train_rows >= 39 * huge.nlist
     assert plan(10**9, 384, 64 * 10**9).nlist == 65536  # 4·√N, capped

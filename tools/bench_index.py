@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -217,16 +218,18 @@ def query_row(feats: Path, budget: str, label: str) -> dict:
     }
 
 
-def key_lookups(index: Path) -> list[float]:
+def key_lookups(index: Path, before: Callable[[], None] = lambda: None) -> list[float]:
     """Milliseconds of 1,000 path → row lookups through INDEX/rows/ in this process (its first
     ones included: what `serve` pays for a `key` query). The paths are read from rows/ by row
-    first, not from img_list.json (50M paths are 3 GB of JSON)."""
+    first, not from img_list.json (50M paths are 3 GB of JSON); `before` runs then (bench_scale
+    drops the page cache there)."""
     from pipeline.retrieve.rowmeta import RowMeta
     from pipeline.storage import locate
 
     rows = RowMeta(locate(str(index)))
     wanted = np.random.default_rng(5).choice(rows.n, min(1000, rows.n), replace=False)
     paths = [rows.name("path", int(r)) for r in wanted]
+    before()
     times = []
     for path, r in zip(paths, wanted, strict=True):
         t = time.perf_counter()

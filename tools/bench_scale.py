@@ -6,7 +6,8 @@ one memory budget, in one run:
 - `featpipe query INDEX PATH`: wall time to the answer and peak RSS (best and worst of 3 runs);
 - `featpipe serve INDEX`: process start to `/healthz` ready, its RSS then, one key query through
   the API, and a reload (index.json touched, as `index --update` commits it) to `/api/info` saying so;
-- 1,000 path → row lookups through INDEX/rows/ in a fresh process (p50 / p99).
+- 1,000 path → row lookups through INDEX/rows/ (p50 / p99): on the page cache the build left, and
+  cold, after dropping the page cache (root only; otherwise not measured).
 
     python tools/bench_scale.py [--rows 50000000] [--small 1000000] [--dim 64] [--budget 1GB]
 
@@ -38,6 +39,7 @@ from bench_serve import start_serve  # noqa: E402  (featpipe serve on a free por
 from pipeline.units import parse_bytes  # noqa: E402
 
 WORK = ROOT / "bench-out" / "scale"
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
 def features(rows: int, dim: int) -> Path:
@@ -49,14 +51,15 @@ def features(rows: int, dim: int) -> Path:
     return out
 
 
-def index(feats: Path, budget: str) -> tuple[Path, float | None]:
-    """INDEX of FEATURES under the budget (built once) and its build seconds when built now."""
+def index(feats: Path, budget: str) -> tuple[Path, float | None, int | None]:
+    """INDEX of FEATURES under the budget (built once), and its build seconds and peak RSS (MB)
+    when built now."""
     out = WORK / f"index-{feats.name}-{budget}"
     if (out / "index.json").exists():
-        return out, None
+        return out, None, None
     cmd = [sys.executable, "-m", "pipeline", "index", str(feats), str(out), "--memory-budget", budget]
-    seconds, _ = timed([*cmd, "--no-progress"])
-    return out, round(seconds, 1)
+    seconds, peak = timed([*cmd, "--no-progress"])
+    return out, round(seconds, 1), round(peak)
 
 
 def rss_mb(pid: int) -> int:
@@ -103,11 +106,12 @@ def serve_row(target: Path, key: str) -> dict:
 
 def measure(rows: int, dim: int, budget: str) -> dict:
     feats = features(rows, dim)
-    target, build_s = index(feats, budget)
+    target, build_s, build_rss_mb = index(feats, budget)
     meta = json.loads((target / "index.json").read_text())
     key, path = row_names(target, 7)
     runs = [timed([sys.executable, "-m", "pipeline", "query", str(target), path, "-k", "10"]) for _ in range(3)]
     lookups = key_lookups(target)
+    cold = key_lookups(target, drop_page_cache) if os.access(DROP_CACHES, os.W_OK) else None
     index_mb = sum(f.stat().st_size for f in target.glob("index*.faiss")) / 1e6
     return {
         "rows": rows,
@@ -115,12 +119,22 @@ def measure(rows: int, dim: int, budget: str) -> dict:
         "storage": meta.get("storage", "memory"),
         "index_file_mb": round(index_mb, 1),
         "build_s": build_s,
+        "build_peak_rss_mb": build_rss_mb,
+        "recall_at_10": meta["estimated_recall_at_10"],
         "query_first_answer_s": [round(min(r[0] for r in runs), 2), round(max(r[0] for r in runs), 2)],
         "query_peak_rss_mb": round(max(r[1] for r in runs)),
         "lookup_p50_ms": round(float(np.percentile(lookups, 50)), 3),
         "lookup_p99_ms": round(float(np.percentile(lookups, 99)), 3),
+        "cold_lookup_p50_ms": round(float(np.percentile(cold, 50)), 3) if cold else None,
+        "cold_lookup_p99_ms": round(float(np.percentile(cold, 99)), 3) if cold else None,
         **serve_row(target, key),
     }
+
+
+def drop_page_cache() -> None:
+    """Every clean page out of the page cache, so the lookups that follow read the disk."""
+    os.sync()
+    Path(DROP_CACHES).write_text("1\n")
 
 
 def row_names(target: Path, row: int) -> tuple[str, str]:
