@@ -230,3 +230,86 @@ def test_a_tile_is_normalised_in_its_own_array(tmp_path, suffix):
     for rows in (ids, np.arange(0, 20)):
         assert np.array_equal(valid_block(fs, 0, 20, rows), normalize(x[rows]))
     assert np.array_equal(fs.read(0, 50), x)
+
+
+def _parts(tmp_path, x: np.ndarray, key: str, rows: int) -> tuple[object, list[str]]:
+    """A trained empty index and the parts of `rows` rows (the last shorter) written as a build does."""
+    import faiss
+
+    trained = faiss.index_factory(x.shape[1], key, faiss.METRIC_INNER_PRODUCT)
+    trained.train(x[:4000])
+    names = []
+    for i, start in enumerate(range(0, len(x), rows)):
+        part = faiss.clone_index(trained)
+        part.add_with_ids(x[start : start + rows], np.arange(start, min(start + rows, len(x))))
+        names.append(str(tmp_path / f"part-{i}.faiss"))
+        faiss.write_index(part, names[-1])
+    return trained, names
+
+
+@pytest.mark.parametrize("group_bytes", [1000, 1 << 20])
+def test_lists_merged_on_disk_by_groups_are_merge_ondisks_bytes(tmp_path, group_bytes):
+    """ondisk.merge (pread from the parts, pwrite a group of lists at a time) writes the index and
+    the .ivfdata faiss's merge_ondisk writes; groups of 1,000 bytes hold one list or less, and parts
+    of 50 rows over 128 lists leave most lists empty in a part (faiss's sparse layout)."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    from pipeline.retrieve import ondisk
+
+    x = np.random.default_rng(0).standard_normal((9000, 16)).astype(np.float32)
+    trained, names = _parts(tmp_path, x, "IVF128,PQ4x8np", 50)
+    reference, merged = faiss.clone_index(trained), faiss.clone_index(trained)
+    with ondisk.quiet_stdout():
+        merge_ondisk(reference, names, str(tmp_path / "a.ivfdata"))
+    ondisk.merge(merged, names, str(tmp_path / "b.ivfdata"), group_bytes)
+    assert (tmp_path / "a.ivfdata").read_bytes() == (tmp_path / "b.ivfdata").read_bytes()
+    header = faiss.serialize_index(merged).tobytes()
+    assert header.replace(b"b.ivfdata", b"a.ivfdata") == faiss.serialize_index(reference).tobytes()
+    merged.nprobe = reference.nprobe = 16
+    assert np.array_equal(merged.search(x[:50], 5)[1], reference.search(x[:50], 5)[1])
+
+
+MEMORY = """
+import sys, numpy as np, faiss
+from pipeline.retrieve import ondisk
+sys.path.insert(0, sys.argv[2])
+from test_bigindex import _parts
+from pathlib import Path
+
+def peak():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+
+def resident():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+
+tmp = Path(sys.argv[1])
+x = np.random.default_rng(1).standard_normal((300_000, 32)).astype(np.float32)
+trained, names = _parts(tmp, x, "IVF64,Flat", 50_000)
+queries = x[:200].copy()
+del x
+open("/proc/self/clear_refs", "w").write("5")  # the peak back to the resident set now
+before = peak()
+ondisk.merge(trained, names, str(tmp / "lists.ivfdata"), 4 << 20)
+merged = peak()
+trained.nprobe = 64
+at = resident()
+found = ondisk.search(trained, queries, 10)[1]
+after = resident()
+trained.nprobe = 64
+want = trained.search(queries, 10)[1]
+print(before, merged, at, after, (tmp / "lists.ivfdata").stat().st_size, int(np.array_equal(found, want)))
+"""
+
+
+def test_lists_on_disk_are_merged_and_searched_in_bounded_memory(tmp_path):
+    """Merging 41 MB of lists in groups of 4 MB raises the resident peak by less than 16 MB
+    (merge_ondisk maps every part and the output: ~80 MB here, 4.2 GB at 50M rows); a search
+    probing every list gives index.search's answers and leaves under 8 MB of the lists resident."""
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY, str(tmp_path), str(ROOT / "tests")], capture_output=True, text=True, check=True
+    )
+    before, merged, at, after, size, same = (int(v) for v in proc.stdout.split())
+    assert size > 40 * 10**6 and same == 1
+    assert merged - before < 16 * 2**20, (before, merged)
+    assert after - at < 8 * 2**20, (at, after)

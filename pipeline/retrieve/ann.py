@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import UserError, first_line
-from pipeline.retrieve import load_faiss
+from pipeline.retrieve import load_faiss, ondisk
 from pipeline.retrieve.features import FeatureSet
 from pipeline.retrieve.knn import Candidates, ExactSearch, Tiling, normalize, normalize64, ranked, valid_block
 
@@ -168,7 +168,7 @@ def tune(
     def recall(value: int, factor: int) -> float:
         if (value, factor) not in seen:
             set_search_parameter(index, name, value)
-            found = index.search(queries, k * factor)[1]
+            found = ondisk.search(index, queries, k * factor)[1]
             found = reranked(fs, queries, found, k) if factor > 1 else found
             seen[value, factor] = recall_at(fs, queries, found, truth, exact.error)
             log.debug("%s %s, factor %d: recall@%d %.4f", name or "exact", value, factor, k, seen[value, factor])

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +22,7 @@ from pipeline import dist
 from pipeline.cpu import give_back_memory
 from pipeline.errors import UserError
 from pipeline.faults import crash_point
-from pipeline.retrieve import load_faiss
+from pipeline.retrieve import load_faiss, ondisk
 from pipeline.retrieve.ann import (
     SEED,
     IndexSearch,
@@ -198,13 +196,10 @@ class PartedBuild:
         index = self._read(TRAINED_FILE)
         names = [self._local(self._part(i)) for i in range(len(self.parts))]
         if self.plan.ondisk:
-            from faiss.contrib.ondisk import merge_ondisk
-
             final = self.out.join(ivfdata_name(index_file))
             staged = staging_file(self.out.fs, final)
             os.remove(staged)  # OnDiskInvertedLists creates it
-            with quiet_stdout():
-                merge_ondisk(index, names, staged)
+            ondisk.merge(index, names, staged)
             os.replace(staged, final)  # the lists stay mapped; they are named by the final name
             faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = final
         else:
@@ -345,24 +340,8 @@ def relative_lists(index) -> None:
 def read_for_search(path: str, meta: dict):
     """The index at `path` opened to serve (flags below)."""
     faiss = load_faiss()
-    with quiet_stdout():
+    with ondisk.quiet_stdout():
         return faiss.read_index(path, open_flags(meta))
-
-
-@contextmanager
-def quiet_stdout():
-    """faiss prints on stdout when it resizes on-disk lists ("resizing … to N bytes") and when it
-    finds them next to their index ("IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename …"): that
-    would corrupt `featpipe query --json` and the one line `index` prints, so stdout is shut."""
-    sys.stdout.flush()
-    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
 
 
 def open_flags(meta: dict) -> int:

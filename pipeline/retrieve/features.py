@@ -171,18 +171,20 @@ class FeatureSet:
     @cached_property
     def paths(self) -> list[str] | None:
         """Source paths in row order: img_list.json, else (a copy without it) the chunks' path column."""
-        if self.folder is None:
+        if self.folder is None or not self._has_img_list:
             return self._chunk_columns.get("path")
         img_list = OutputNames().img_list
         loc = locate(self.folder)
-        if not loc.fs.exists(loc.join(img_list)):
-            paths = [p for block in self.chunk_blocks(("path",)) for p in block.get("path", [])]
-            return paths if len(paths) == self.n else None
         with loc.fs.open(loc.join(img_list), "rb") as f:
             paths = json.loads(f.read())
         if len(paths) != self.n:
             raise UserError(f"{self.folder}: {img_list} lists {len(paths)} paths for {self.n} rows")
         return paths
+
+    @cached_property
+    def _has_img_list(self) -> bool:
+        loc = locate(self.folder)
+        return loc.fs.exists(loc.join(OutputNames().img_list))
 
     @cached_property
     def removed(self) -> np.ndarray:
@@ -269,7 +271,8 @@ class FeatureSet:
         if self.folder is None and self.rows_file is None:
             return {}
         wanted = ("key", "shard", "width", "height", "offset", "length", "caption")
-        wanted += ("path",) if self.rows_file else ()  # an extract's paths are its img_list.json
+        # an extract's paths are its img_list.json; a copy without it reads them with the rest, in one pass
+        wanted += ("path",) if self.rows_file or not self._has_img_list else ()
         columns: dict[str, list] = {name: [] for name in wanted}
         total = 0
         for block in self.chunk_blocks(wanted):
