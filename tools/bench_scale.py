@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_index import key_lookups  # noqa: E402  (1,000 path → row lookups through rows/, in ms)
+from bench_index import key_lookups, phase_peaks  # noqa: E402  (path → row lookups; RSS by log line)
 from bench_match import timed  # noqa: E402  (wall seconds and the child's peak RSS)
 from bench_serve import start_serve  # noqa: E402  (featpipe serve on a free port, once /healthz answers)
 
@@ -51,15 +51,15 @@ def features(rows: int, dim: int) -> Path:
     return out
 
 
-def index(feats: Path, budget: str) -> tuple[Path, float | None, int | None]:
-    """INDEX of FEATURES under the budget (built once), and its build seconds and peak RSS (MB)
-    when built now."""
+def index(feats: Path, budget: str) -> tuple[Path, dict]:
+    """INDEX of FEATURES under the budget (built once), and when built now its build seconds, peak
+    RSS (MB) and peak resident MB by phase."""
     out = WORK / f"index-{feats.name}-{budget}"
     if (out / "index.json").exists():
-        return out, None, None
+        return out, {"build_s": None, "build_peak_rss_mb": None}
     cmd = [sys.executable, "-m", "pipeline", "index", str(feats), str(out), "--memory-budget", budget]
-    seconds, peak = timed([*cmd, "--no-progress"])
-    return out, round(seconds, 1), round(peak)
+    seconds, peak, phases = phase_peaks([*cmd, "--no-progress"])
+    return out, {"build_s": round(seconds, 1), "build_peak_rss_mb": round(peak), "build_phases": phases}
 
 
 def rss_mb(pid: int) -> int:
@@ -106,7 +106,7 @@ def serve_row(target: Path, key: str) -> dict:
 
 def measure(rows: int, dim: int, budget: str) -> dict:
     feats = features(rows, dim)
-    target, build_s, build_rss_mb = index(feats, budget)
+    target, build = index(feats, budget)
     meta = json.loads((target / "index.json").read_text())
     key, path = row_names(target, 7)
     runs = [timed([sys.executable, "-m", "pipeline", "query", str(target), path, "-k", "10"]) for _ in range(3)]
@@ -118,8 +118,7 @@ def measure(rows: int, dim: int, budget: str) -> dict:
         "index": meta["index_key"],
         "storage": meta.get("storage", "memory"),
         "index_file_mb": round(index_mb, 1),
-        "build_s": build_s,
-        "build_peak_rss_mb": build_rss_mb,
+        **build,
         "recall_at_10": meta["estimated_recall_at_10"],
         "query_first_answer_s": [round(min(r[0] for r in runs), 2), round(max(r[0] for r in runs), 2)],
         "query_peak_rss_mb": round(max(r[1] for r in runs)),
@@ -163,10 +162,13 @@ def main() -> None:
         json.dumps({"machine": machine, "budget": args.budget, "rows": results}, indent=1)
     )
     print(f"# {args.dim}-dim, index budget {args.budget}, {machine}")
-    cols = list(results[0])
+    cols = [c for c in results[-1] if c != "build_phases"]
     print("| " + " | ".join(cols) + " |")
     for r in results:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
+    for r in results:
+        for text, mb in r.get("build_phases", []):
+            print(f"{r['rows']} rows, build phase to {text!r}: {mb} MB")
 
 
 if __name__ == "__main__":
