@@ -250,5 +250,5 @@ class IndexSearch:
     floor: int = 0  # candidates asked for at least: 10 × the re-ranking factor of lossy codes (PQ)
 
     def candidates(self, queries: np.ndarray, count: int) -> Candidates:
-        scores, ids = self.index.search(queries, max(count, self.floor))
+        scores, ids = ondisk.search(self.index, queries, max(count, self.floor))
         return Candidates(np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids)

@@ -103,8 +103,10 @@ def _scatter(data, counts, group, offsets, capacities, filled, code_size: int) -
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """index.search; over lists on disk, in batches whose probed lists fault in about SEARCH_BYTES,
-    each batch's pages given back before the next."""
+    """index.search; over lists on disk, when the queries would fault in more than SEARCH_BYTES of
+    lists (tuning, match), in batches that each fault in about that much, their pages given back
+    after each. A few queries (a query, a service's request) keep what they mapped: giving it back
+    would make the next one fault its lists in again."""
     faiss = load_faiss()
     ivf = faiss.try_extract_index_ivf(index)
     lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
@@ -112,6 +114,8 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return index.search(queries, k)
     per_query = max(1, ivf.nprobe) * lists.totsize / max(1, ivf.nlist)
     batch = max(1, int(SEARCH_BYTES // per_query))
+    if len(queries) <= batch:
+        return index.search(queries, k)
     scores, ids = [], []
     for start in range(0, len(queries), batch):
         found = index.search(queries[start : start + batch], k)
