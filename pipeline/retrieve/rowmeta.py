@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -197,11 +198,11 @@ class RowMeta:
             return path if loc.is_local else local_copy(loc.fs, path)
 
         present = [f for f in FIELDS if f != "caption" or loc.fs.exists(loc.join(FOLDER, "caption.bytes"))]
-        self.offsets = {f: np.load(local(f"{f}.offsets.npy"), mmap_mode="r") for f in present}
-        self.numbers = {f: np.load(local(f"{f}.npy"), mmap_mode="r") for f in NUMBERS}
-        self.data = {f: _bytes(local(f"{f}.bytes")) for f in present}
-        self.hashes = np.load(local(LOOKUP_HASH), mmap_mode="r")
-        self.rows = np.load(local(LOOKUP_ROW), mmap_mode="r")
+        self.offsets = {f: _npy_mapped(local(f"{f}.offsets.npy")) for f in present}
+        self.numbers = {f: _npy_mapped(local(f"{f}.npy")) for f in NUMBERS}
+        self.data = {f: _mapped(local(f"{f}.bytes")) for f in present}
+        self.hashes = _npy_mapped(local(LOOKUP_HASH))
+        self.rows = _npy_mapped(local(LOOKUP_ROW))
         has_fence = loc.fs.exists(loc.join(FOLDER, LOOKUP_FENCE))  # indexes of earlier featpipes have none
         self.fence = np.load(local(LOOKUP_FENCE)) if has_fence else None
         self.n = len(self.offsets["key"]) - 1
@@ -252,6 +253,23 @@ class RowMeta:
         return max(0, (int(below) - 1) * FENCE), min(len(self.hashes), int(upto) * FENCE)
 
 
-def _bytes(path: str) -> np.ndarray:
-    """A file's bytes memory-mapped (an empty file has nothing to map)."""
-    return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+def _mapped(path: str, dtype: str = "u1", offset: int = 0, count: int = -1) -> np.ndarray:
+    """A file's values memory-mapped without read-around: a fault reads its page, not the
+    device's readahead window (8 MB on this machine's disk: cold name → row lookups at 50M rows
+    took p99 37–73 ms, reading ~8 MB per page they touched, on a disk that reads 4 KB in 0.1 ms)."""
+    if os.path.getsize(path) <= offset:  # an empty file has nothing to map
+        return np.zeros(0, dtype)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype, count, offset)
+
+
+def _npy_mapped(path: str) -> np.ndarray:
+    """A 1-d .npy file's values, mapped as _mapped does."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        offset = f.tell()
+    return _mapped(path, dtype, offset, int(np.prod(shape)))
