@@ -313,3 +313,18 @@ def test_lists_on_disk_are_merged_and_searched_in_bounded_memory(tmp_path):
     assert size > 40 * 10**6 and same == 1
     assert merged - before < 16 * 2**20, (before, merged)
     assert after - at < 8 * 2**20, (at, after)
+
+
+def test_samples_of_valid_rows_are_drawn_without_a_list_of_every_valid_row(monkeypatch):
+    """Training's and tuning's samples are the rows rng.choice draws from np.flatnonzero(valid),
+    found a block of the mask at a time (that list takes 8 bytes a row: 8 GB at 1B rows); blocks of
+    1,000 rows put many draws on block edges."""
+    from pipeline.retrieve import ann
+
+    monkeypatch.setattr(ann, "_SAMPLE_BLOCK", 1000)
+    for share in (0.9, 0.01, 0.0):
+        valid = np.random.default_rng(3).random(200_000) < share
+        ids = np.flatnonzero(valid)
+        for size in (10, 5000, 10**6):
+            want = np.sort(np.random.default_rng(7).choice(ids, min(size, len(ids)), replace=False))
+            assert np.array_equal(ann.valid_sample(valid, size, 7), want), (share, size)

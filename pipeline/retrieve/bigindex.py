@@ -166,7 +166,7 @@ class PartedBuild:
         index = faiss.index_factory(self.fs.dim, self.plan.key, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = SEED
-        rows = train_sample(np.flatnonzero(self.valid), max(1, self.plan.train_rows // 64))
+        rows = train_sample(self.valid, max(1, self.plan.train_rows // 64))
         threads = faiss.omp_get_max_threads()
         if self.plan.nlist >= HNSW_COARSE_FROM:  # an HNSW graph built by several threads differs run to run
             faiss.omp_set_num_threads(1)
