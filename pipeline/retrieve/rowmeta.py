@@ -173,7 +173,7 @@ class _Lookup:
                 part = part[np.lexsort((part["row"], part["hash"]))]
                 hashes.write(np.ascontiguousarray(part["hash"]).tobytes())
                 rows.write(np.ascontiguousarray(part["row"]).tobytes())
-                fence.append(part["hash"][-done % FENCE :: FENCE])
+                fence.append(part["hash"][-done % FENCE :: FENCE].copy())  # a view would hold the bucket
                 done += len(part)
         np.save(fence_path, np.concatenate([np.zeros(0, "<u8"), *fence]).astype("<u8"))
 
