@@ -140,6 +140,22 @@ def test_the_lookup_table_sorted_in_buckets_is_the_same_bytes(small, tmp_path, m
     assert len(os.listdir(tmp_path / "rows")) == len(os.listdir(small / "index" / "rows"))
 
 
+def test_names_are_read_a_batch_of_rows_at_a_time_not_a_shard(small, tmp_path, monkeypatch):
+    """rows/ is written from batches of names smaller than a shard (a 500k-row shard's names as
+    Python lists were the largest thing 50M rows' index build held): with batches of 700 rows
+    across 3,000-row shards, no batch is larger and the files are the same bytes."""
+    from pipeline.retrieve import features, rowmeta
+    from pipeline.retrieve.features import open_features
+
+    monkeypatch.setattr(features, "_NAME_BATCH", 700)
+    fs = open_features(small / "features")
+    sizes = [len(block["key"]) for block in rowmeta.row_blocks(fs)]
+    assert max(sizes) == 700 and sum(sizes) == 10_000 and len(sizes) == 17  # 5 batches a shard of 3,000; 2 of 1,000
+    rowmeta.write(locate(str(tmp_path)), fs, rowmeta.row_blocks(fs))
+    for name in sorted(os.listdir(small / "index" / "rows")):
+        assert (tmp_path / "rows" / name).read_bytes() == (small / "index" / "rows" / name).read_bytes(), name
+
+
 def test_the_lookup_table_is_sorted_holding_one_bucket_at_a_time(small, tmp_path, monkeypatch):
     """Sorting the name → row table holds one bucket and its sort, not every bucket: a fence kept
     as views of the buckets held them all (2.4 GB for 50M rows' 1.6 GB table). Measured with
