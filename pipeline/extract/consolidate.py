@@ -3,9 +3,10 @@ OUT/metadata/metadata.parquet (key, path, caption, … row-aligned with the vect
 OUT/removed.json (the rows whose source file the shards' manifest says is gone).
 
 Rows go in the run's shard order, then in-shard order, so the bytes do not depend on how many
-workers or ranks produced the chunks. Arrays are filled through memory maps one chunk at a time:
-memory stays flat however many images there are. The maps' disk space is reserved first: a
-memory map that meets a full disk kills the process with SIGBUS; a reservation fails with one line.
+workers or ranks produced the chunks. The .npy files are appended to a chunk at a time with plain
+writes: memory stays flat however many images there are (a memory map kept every written page in
+the process). Their disk space is reserved first: a full disk fails with one line, before the
+writing.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 
 from pipeline.chunks import chunk_matrix, chunk_schemas, read_chunk
 from pipeline.errors import UserError, reason
@@ -35,7 +36,16 @@ from pipeline.outdir import (
     read_done,
 )
 from pipeline.shardformat import MANIFEST
-from pipeline.storage import Location, commit_file, commit_json, locate, read_json, remove_quietly, staging_file
+from pipeline.storage import (
+    Location,
+    commit_file,
+    commit_json,
+    locate,
+    npy_appender,
+    read_json,
+    remove_quietly,
+    staging_file,
+)
 from pipeline.units import format_bytes
 
 
@@ -113,27 +123,23 @@ def _write(
     metadata: MetadataFile,
 ) -> int:
     """Fill the staged files; returns the number of error records."""
-    f16 = open_memmap(staged[names.numpy_features], mode="w+", dtype=np.float16, shape=(rows, dim))
-    reserve(staged[names.numpy_features], f16.offset + f16.nbytes)
-    f32 = None
-    if names.torch_features is not None:
-        f32 = open_memmap(f32_path, mode="w+", dtype=np.float32, shape=(rows, dim))
-        reserve(f32_path, f32.offset + f32.nbytes)
-    n_errors = row = 0
-    with (
-        open(staged[names.img_list], "w", encoding="utf-8") as img_list,
-        open(staged[names.errors], "w", encoding="utf-8") as errs,
-    ):
+    with ExitStack() as files:
+        f16 = files.enter_context(_reserved(staged[names.numpy_features], "<f2", (rows, dim)))
+        f32 = files.enter_context(_reserved(f32_path, "<f4", (rows, dim))) if names.torch_features else None
+        img_list = files.enter_context(open(staged[names.img_list], "w", encoding="utf-8"))
+        errs = files.enter_context(open(staged[names.errors], "w", encoding="utf-8"))
         img_list.write("[")
         removed: list[tuple[int, str]] = []
+        n_errors = row = 0
         for rec, generation in zip(records, generations, strict=True):
             if rec.rows:
                 table = _chunk(out, rec.shard)
                 mat = chunk_matrix(table)
                 if f32 is not None:
-                    f32[row : row + len(mat)] = mat
-                f16[row : row + len(mat)] = mat
-                digest.update(f16[row : row + len(mat)])
+                    f32.write(mat.astype("<f4", copy=False).tobytes())
+                half = mat.astype("<f2")
+                f16.write(half.tobytes())
+                digest.update(half)
                 metadata.add(rec.shard, table)
                 for p in table.column("path").to_pylist():
                     img_list.write(("\n" if row == 0 else ",\n") + json.dumps(p, ensure_ascii=False))
@@ -147,25 +153,34 @@ def _write(
     with open(staged[REMOVED_FILE], "w", encoding="utf-8") as f:
         doc = {"rows": [r for r, _ in removed], "paths": [p for _, p in removed]}
         f.write(json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
-    f16.flush()
-    del f16
-    if f32 is not None:
-        _save_tensor(f32, staged[names.torch_features])
+    if names.torch_features is not None:
+        _save_tensor(f32_path, staged[names.torch_features])
     return n_errors
 
 
-def _save_tensor(f32: np.ndarray, staged: str) -> None:
-    """fts.pth from the float32 rows.
+@contextmanager
+def _reserved(path: str, dtype: str, shape: tuple[int, int]):
+    """An .npy file appended to (storage.npy_appender), its whole size reserved first, so that a
+    full disk fails here with one line, not halfway."""
+    with npy_appender(path, dtype, shape) as f:
+        reserve(path, f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        yield f
 
-    torch.save streams the tensor's storage, which here is the memory map: no full copy in RAM.
-    A file object, not a path: torch names the zip's inner folder after a path, and the
+
+def _save_tensor(f32_path: str, staged: str) -> None:
+    """fts.pth from the float32 rows in `f32_path` (an .npy file).
+
+    torch.save streams the tensor's storage, which here is a copy-on-write map of that file
+    (nothing is written to it): no copy in RAM, only clean pages of the page cache mapped while it
+    streams. A file object, not a path: torch names the zip's inner folder after a path, and the
     temporary name would make the bytes differ from run to run. The space is reserved first (the
     zip adds well under 64 KB to the data), then the file is cut to what torch wrote."""
-    f32.flush()
+    f32 = np.load(f32_path, mmap_mode="c")
     reserve(staged, f32.nbytes + 65536)
     with open(staged, "r+b") as f:
         torch.save(torch.from_numpy(f32), f)
         f.truncate()
+    del f32
 
 
 class VectorDigest:
@@ -235,7 +250,7 @@ def _chunk(out: Location, shard: str):
 
 
 def reserve(path: str, nbytes: int) -> None:
-    """Allocate the file's blocks now, so that writing through a memory map cannot meet a full disk."""
+    """Allocate the file's blocks now, so that a full disk fails here, not halfway through the writing."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, max(nbytes, 1))

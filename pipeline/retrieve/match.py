@@ -41,6 +41,7 @@ from pipeline.storage import (
     commit_json,
     ensure_writable,
     locate,
+    npy_appender,
     read_json,
     read_valid_json,
     remove_stale_temps,
@@ -413,21 +414,19 @@ def load_neighbors(out: Location) -> tuple[np.ndarray, np.ndarray]:
 def _assemble(out: Location, fs: FeatureSet, starts: list[int], cfg: MatchConfig, tag: str) -> None:
     """Blocks → matches.npy (uint32) and scores.npy (float16), as the original matcher saves them,
     and neighbors.parquet when FEATURES knows keys and paths; one block in memory at a time."""
-    from numpy.lib.format import open_memmap
-
     staged = {name: staging_file(out.fs, out.join(name)) for name in (cfg.names.matches, cfg.names.scores)}
-    matches = open_memmap(staged[cfg.names.matches], mode="w+", dtype=np.uint32, shape=(fs.n, cfg.k))
-    scores = open_memmap(staged[cfg.names.scores], mode="w+", dtype=np.float16, shape=(fs.n, cfg.k))
     writer = NeighborWriter(out, fs) if fs.folder else None
-    for start in starts:
-        m, s = _load_block(out, tag, start, "matches"), _load_block(out, tag, start, "scores")
-        matches[start : start + len(m)] = m
-        scores[start : start + len(s)] = s
-        if writer:
-            writer.add(start, m, s)
-    matches.flush()
-    scores.flush()
-    del matches, scores
+    # appended, not filled through memory maps: those kept every written page in the process
+    with (
+        npy_appender(staged[cfg.names.matches], "<u4", (fs.n, cfg.k)) as matches,
+        npy_appender(staged[cfg.names.scores], "<f2", (fs.n, cfg.k)) as scores,
+    ):
+        for start in starts:
+            m, s = _load_block(out, tag, start, "matches"), _load_block(out, tag, start, "scores")
+            matches.write(m.astype("<u4", copy=False).tobytes())
+            scores.write(s.astype("<f2", copy=False).tobytes())
+            if writer:
+                writer.add(start, m, s)
     if writer:
         writer.close()
     for name, path in staged.items():

@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.retrieve.features import FeatureSet
-from pipeline.storage import Location, commit_file, local_copy, staging_file
+from pipeline.storage import Location, commit_file, local_copy, npy_appender, staging_file
 
 FOLDER = "rows"
 FIELDS = ("key", "path", "shard", "caption")  # text, read by row
@@ -95,8 +95,11 @@ def write(out: Location, fs: FeatureSet, blocks: Iterable[dict[str, list]]) -> N
     with plain writes: memory-mapped outputs kept their dirty pages in the process (1.2 GB of RSS
     at 10M rows)."""
     with tempfile.TemporaryDirectory(prefix="featpipe-rows-") as tmp, ExitStack() as files:
-        offsets = {f: files.enter_context(_npy(os.path.join(tmp, f"{f}.offsets.npy"), "<u8", fs.n + 1)) for f in FIELDS}
-        numbers = {f: files.enter_context(_npy(os.path.join(tmp, f"{f}.npy"), "<i8", fs.n)) for f in NUMBERS}
+        offsets = {
+            f: files.enter_context(npy_appender(os.path.join(tmp, f"{f}.offsets.npy"), "<u8", (fs.n + 1,)))
+            for f in FIELDS
+        }
+        numbers = {f: files.enter_context(npy_appender(os.path.join(tmp, f"{f}.npy"), "<i8", (fs.n,))) for f in NUMBERS}
         data = {f: files.enter_context(open(os.path.join(tmp, f"{f}.bytes"), "wb")) for f in FIELDS}
         lookup = files.enter_context(_Lookup(os.path.join(tmp, "buckets"), 2 * fs.n))
         ends = dict.fromkeys(FIELDS, 0)  # bytes written so far per text field
@@ -129,15 +132,6 @@ def write(out: Location, fs: FeatureSet, blocks: Iterable[dict[str, list]]) -> N
             commit_file(out.fs, staged, final)
 
 
-def _npy(path: str, dtype: str, n: int):
-    """A file with a .npy header for (n,) values of dtype (the header open_memmap writes), open
-    to append them."""
-    f = open(path, "wb")  # noqa: SIM115  (the caller's ExitStack closes it)
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
-    np.lib.format.write_array_header_1_0(f, header)
-    return f
-
-
 class _Lookup:
     """The name → row table sorted without holding it: (hash, row) pairs go to 2^b bucket files by
     their hash's top b bits (the hashes are uniform), then each bucket is sorted alone and appended,
@@ -166,7 +160,7 @@ class _Lookup:
             f.close()
         total = sum(os.path.getsize(p) for p in self.paths) // LOOKUP_DTYPE.itemsize
         fence, done = [], 0
-        with _npy(hash_path, "<u8", total) as hashes, _npy(row_path, "<i8", total) as rows:
+        with npy_appender(hash_path, "<u8", (total,)) as hashes, npy_appender(row_path, "<i8", (total,)) as rows:
             for path in self.paths:
                 part = np.fromfile(path, LOOKUP_DTYPE)
                 os.remove(path)
