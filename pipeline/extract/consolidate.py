@@ -125,7 +125,7 @@ def _write(
     """Fill the staged files; returns the number of error records."""
     with ExitStack() as files:
         f16 = files.enter_context(_reserved(staged[names.numpy_features], "<f2", (rows, dim)))
-        f32 = files.enter_context(_reserved(f32_path, "<f4", (rows, dim))) if names.torch_features else None
+        f32 = files.enter_context(_reserved(f32_path, "<f4", (rows, dim))) if names.torch_features is not None else None
         img_list = files.enter_context(open(staged[names.img_list], "w", encoding="utf-8"))
         errs = files.enter_context(open(staged[names.errors], "w", encoding="utf-8"))
         img_list.write("[")

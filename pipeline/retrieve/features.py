@@ -420,9 +420,9 @@ def require_vectors(fs: FeatureSet) -> None:
 
 
 def _batches(chunk, wanted: tuple[str, ...]):
-    """A Parquet file's `wanted` columns that exist, as Python lists of _NAME_BATCH rows: a whole
-    500k-row shard's keys, paths and numbers as lists held 830 MB while index wrote rows/ for
-    50M rows (the build's peak)."""
+    """A Parquet file's `wanted` columns that exist, as Python lists of _NAME_BATCH rows: with a
+    whole 500k-row shard's keys, paths and numbers as lists, index's phase that writes rows/ (with
+    tuning's truth and training) peaked at 1,022 MB for 50M rows; 676 MB in batches."""
     names = [c for c in wanted if c in chunk.schema_arrow.names]
     for batch in chunk.iter_batches(_NAME_BATCH, columns=names, use_threads=False):
         yield {name: batch.column(name).to_pylist() for name in names}
