@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError, first_line
-from pipeline.storage import Location, cache_root, locate
+from pipeline.storage import Location, cache_root, locate, npy_appender
 
 PATH_COLUMNS = ("image_path", "path", "url", "filepath")
 CAPTION_COLUMNS = ("caption", "text")
@@ -127,15 +127,17 @@ class _Writer:
     (features.py's: SHA-256 of shape, type and bytes)."""
 
     def __init__(self, folder: str, n: int, dim: int, dtype: np.dtype):
-        self.fts = np.lib.format.open_memmap(os.path.join(folder, VECTORS_FILE), "w+", dtype, (n, dim))
+        # appended, not filled through a memory map: that kept every written page in the process
+        self.dtype, self.n = np.dtype(dtype), n
+        self.fts = npy_appender(os.path.join(folder, VECTORS_FILE), self.dtype.str, (n, dim))
         self.rows = pq.ParquetWriter(os.path.join(folder, ROWS_FILE), _ROWS_SCHEMA, compression="zstd")
-        self.digest = hashlib.sha256(f"{n}x{dim}:{np.dtype(dtype).str}".encode())
+        self.digest = hashlib.sha256(f"{n}x{dim}:{self.dtype.str}".encode())
         self.at = 0
 
     def add(self, vectors: np.ndarray, names: dict[str, list]) -> None:
-        block = self.fts[self.at : self.at + len(vectors)]
-        block[:] = vectors
-        self.digest.update(memoryview(np.ascontiguousarray(block)).cast("B"))
+        block = np.ascontiguousarray(vectors, self.dtype)
+        self.fts.write(block.tobytes())
+        self.digest.update(memoryview(block).cast("B"))
         count = len(vectors)
         arrays = [pa.array(names.get(f.name) or [None] * count, pa.string()) for f in _ROWS_SCHEMA]
         self.rows.write_table(pa.Table.from_arrays(arrays, schema=_ROWS_SCHEMA))
@@ -143,10 +145,9 @@ class _Writer:
 
     def close(self) -> str:
         self.rows.close()
-        self.fts.flush()
-        if self.at != len(self.fts):
-            raise UserError(f"the files listed {len(self.fts)} rows but held {self.at}")
-        del self.fts
+        self.fts.close()
+        if self.at != self.n:
+            raise UserError(f"the files listed {self.n} rows but held {self.at}")
         return "sha256:" + self.digest.hexdigest()
 
 
