@@ -315,6 +315,43 @@ def test_lists_on_disk_are_merged_and_searched_in_bounded_memory(tmp_path):
     assert after - at < 8 * 2**20, (at, after)
 
 
+SEARCH = """
+import sys, numpy as np, faiss
+from pipeline.retrieve import ondisk
+sys.path.insert(0, sys.argv[2])
+from test_bigindex import _parts
+from pathlib import Path
+
+tmp = Path(sys.argv[1])
+x = np.random.default_rng(2).standard_normal((300_000, 32)).astype(np.float32)
+trained, names = _parts(tmp, x, "IVF1024,Flat", 100_000)
+queries = x[::150].copy()
+del x
+ondisk.merge(trained, names, str(tmp / "lists.ivfdata"))
+ondisk.FOLIO_BYTES = int(sys.argv[3])
+ondisk.SEARCH_BYTES = 8 << 20
+trained.nprobe = 1
+ondisk.give_back_pages(faiss.downcast_InvertedLists(trained.invlists))
+open("/proc/self/clear_refs", "w").write("5")
+at = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+found = ondisk.search(trained, queries, 10)[1]
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(peak - at, int(np.array_equal(found, trained.search(queries, 10)[1])))
+"""
+
+
+def test_a_batched_search_maps_about_its_share_of_the_lists(tmp_path):
+    """2,000 queries probing one of 1,024 lists (41 KB each, 41 MB in all), with 8 MB a batch: the
+    batches count the page-cache folio the kernel maps whole for each probed list (~2 MB here), so
+    the search's resident peak stays within 8 MB + 4 MB. Counting the lists' bytes alone, 200
+    queries went in a batch and mapped most of the file."""
+    from pipeline.retrieve import ondisk
+
+    cmd = [sys.executable, "-c", SEARCH, str(tmp_path), str(ROOT / "tests"), str(ondisk.FOLIO_BYTES)]
+    grown, same = (int(v) for v in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split())
+    assert same == 1 and grown < 12 << 20, grown
+
+
 def test_samples_of_valid_rows_are_drawn_without_a_list_of_every_valid_row(monkeypatch):
     """Training's and tuning's samples are the rows rng.choice draws from np.flatnonzero(valid),
     found a block of the mask at a time (that list takes 8 bytes a row: 8 GB at 1B rows); blocks of
