@@ -11,7 +11,7 @@ tuning's 1,000 queries at nprobe 16 over 8,192 lists touch most of them, so it s
 batches and gives the pages back (madvise MADV_DONTNEED: the mapping is shared, nothing is lost).
 A batch's size counts, per probed list, the list and the page-cache folio the kernel maps whole
 around it (FOLIO_BYTES): counting the lists alone, tuning at 5M rows mapped 190 MB of a 200 MB
-file in its batches of 64 MB, and the 50M build's tuning peaked at 826 MB."""
+file in its batches of 64 MB, and the 50M build's tuning peaked at 826 MB (now 344 MB)."""
 
 from __future__ import annotations
 
