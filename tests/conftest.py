@@ -76,6 +76,17 @@ def run_cli(
     return proc
 
 
+def cli_peak_memory(*args: str) -> int:
+    """The peak resident memory (VmHWM) of a `featpipe ARGS` process, in bytes. VmHWM, not
+    ru_maxrss: Linux carries the forking parent's (pytest's) high-water mark across exec."""
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1]) * 1024
+
+
 def torchrun(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
     proc = subprocess.Popen(

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, torchrun
+from conftest import ROOT, cli_peak_memory, run_cli, torchrun
 
 from pipeline import api
 from pipeline.retrieve.bigindex import plan
@@ -133,13 +133,7 @@ def test_two_ranks_and_a_killed_build_give_the_same_bytes(features, on_disk, tmp
 def test_peak_memory_of_a_build_stays_near_the_budget(features, tmp_path):
     """The issue's bound at small scale: peak RSS ≤ budget + 400 MB (the bench measures it at 10M)."""
     args = ["index", str(features), str(tmp_path / "rss"), "--memory-budget", ON_DISK, "--no-progress"]
-    # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) high-water mark across exec
-    code = (
-        "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    peak = int(proc.stdout.split()[-1]) * 1024
+    peak = cli_peak_memory(*args)
     assert json.loads((tmp_path / "rss" / "index.json").read_text())["storage"] == "ondisk"
     assert 50 * 2**20 < peak <= 300_000 + 400 * 2**20, peak
 

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_peak_memory, run_cli
 from conftest import noisy_photo as jpeg
 
 from pipeline import api
@@ -128,19 +128,13 @@ def test_consolidation_takes_the_same_memory_at_20k_and_1m_rows(tmp_path):
     import subprocess
     import sys
 
-    code = (
-        "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)"
-    )
     peaks = {}
     for rows in (20_000, 1_000_000):
         out = tmp_path / str(rows)
         cmd = [sys.executable, str(ROOT / "tools" / "make_features.py"), str(out), "--rows", str(rows), "--dim", "64"]
         subprocess.run([*cmd, "--shard-rows", "10000", "--torch-features", "none"], check=True, capture_output=True)
         before = (out / "fts.npy").read_bytes()
-        cmd = [sys.executable, "-c", code, "consolidate", str(out), "--torch-features", "none"]
-        proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        peaks[rows] = int(proc.stdout.split()[-1]) * 1024
+        peaks[rows] = cli_peak_memory("consolidate", out, "--torch-features", "none")
         assert (out / "fts.npy").read_bytes() == before  # written again, the same bytes
     assert np.load(tmp_path / "1000000" / "fts.npy", mmap_mode="r").shape == (1_000_000, 64)
     assert peaks[1_000_000] - peaks[20_000] < 40 << 20, peaks

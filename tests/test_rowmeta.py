@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_peak_memory, run_cli
 
 from pipeline.retrieve.rowmeta import RowMeta, name_hash
 from pipeline.storage import locate
@@ -25,14 +25,7 @@ def make_features(out, rows: int, shard_rows: int) -> None:
 
 def peak_query_memory(index, path) -> int:
     """VmHWM of a `featpipe query` process, in bytes."""
-    code = (
-        "import sys; from pipeline.cli import main; rc = main(sys.argv[1:]); "
-        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(rc)"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, "query", str(index), path, "-k", "3"], capture_output=True, text=True, check=True
-    )
-    return int(proc.stdout.split()[-1]) * 1024
+    return cli_peak_memory("query", index, path, "-k", "3")
 
 
 @pytest.fixture(scope="module")
