@@ -112,8 +112,8 @@ def measure(rows: int, dim: int, budget: str) -> dict:
     feats = features(rows, dim)
     target, build = index(feats, budget)
     meta = json.loads((target / "index.json").read_text())
-    key, path = row_names(target, 7)
-    keys = [key] + [row_names(target, int(r))[0] for r in np.random.default_rng(3).choice(rows, 20, replace=False)]
+    names = row_names(target, [7, *np.random.default_rng(3).choice(rows, 20, replace=False).tolist()])
+    path, keys = names[0][1], [key for key, _ in names]
     runs = [timed([sys.executable, "-m", "pipeline", "query", str(target), path, "-k", "10"]) for _ in range(3)]
     lookups = key_lookups(target)
     cold = key_lookups(target, drop_page_cache) if os.access(DROP_CACHES, os.W_OK) else None
@@ -141,13 +141,13 @@ def drop_page_cache() -> None:
     Path(DROP_CACHES).write_text("1\n")
 
 
-def row_names(target: Path, row: int) -> tuple[str, str]:
-    """(key, path) of a row, read from INDEX/rows/ (img_list.json would be 50M paths of JSON)."""
+def row_names(target: Path, rows: list[int]) -> list[tuple[str, str]]:
+    """(key, path) of each row, read from INDEX/rows/ (img_list.json would be 50M paths of JSON)."""
     from pipeline.retrieve.rowmeta import RowMeta
     from pipeline.storage import locate
 
-    rows = RowMeta(locate(str(target)))
-    return rows.name("key", row), rows.name("path", row)
+    meta = RowMeta(locate(str(target)))
+    return [(meta.name("key", r), meta.name("path", r)) for r in rows]
 
 
 def main() -> None:
